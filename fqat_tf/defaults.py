@@ -1,0 +1,71 @@
+"""Every default of fqat_tf, next to its meaning (ALGORITHM.md is the source of each value).
+
+Library code takes these as keyword defaults; the command-line programs name their flags after
+the same keys. Nothing else in the package hard-codes a hyperparameter.
+"""
+
+# --- Quantizer (ALGORITHM.md §1) -----------------------------------------------------------
+QUANTIZER = "lsq"            # "lsq" | "ewgs"
+WEIGHT_BITS = 4
+ACTIVATION_BITS = 4
+MIN_BITS, MAX_BITS = 2, 8
+PER_CHANNEL = False          # per-channel weight steps (channel = last kernel axis)
+# LSQ gradient-scale element count N for activations: "per_example" (LSQ paper; independent of
+# batch size and replica count) or "per_batch" (lsq-net: the whole batch tensor).
+ACT_GRAD_COUNT = "per_example"
+# Per-channel steps count N over the whole kernel (lsq-net); "per_channel" counts one channel.
+WEIGHT_GRAD_COUNT = "per_tensor"
+# Steps are clamped at this floor in the forward pass and by a variable constraint after every
+# optimizer update, so x / s is always defined.
+STEP_FLOOR = 1e-8
+EWGS_DELTA = 1e-3            # fixed EWGS delta, in EWGS's normalised units
+EWGS_DELTA_MODE = "fixed"    # "fixed" | "hessian" (Hutchinson refresh, clipped at 0)
+EWGS_HESSIAN_SAMPLES = 1     # Rademacher probes per Hutchinson estimate
+EWGS_HESSIAN_INTERVAL = 500  # steps between delta refreshes in "hessian" mode
+# Initial activation step before calibration: clip range [0, 4) for unsigned inputs.
+ACT_STEP_INIT_RANGE = 4.0
+CALIBRATION = "mse"          # "mse" (Nagel et al. 2021) | "lsq" (2 * mean|v| / sqrt(u))
+CALIBRATION_CANDIDATES = 100
+CALIBRATION_BATCHES = 8
+
+# --- Two-pass step (ALGORITHM.md §2) ---------------------------------------------------------
+METHOD = "fqat"
+RHO = 0.05
+ALPHA = 0.001                # 0.0005 for DomainNet
+ALPHA_DOMAINNET = 0.0005
+NORM_EPS = 1e-12
+FREEZE_BN = True             # BN runs on inference statistics in every pass
+LR = 3e-5                    # weights, from {1e-5, 3e-5, 5e-5}
+WEIGHT_DECAY = 1e-4          # 1e-6 for DomainNet
+WEIGHT_DECAY_DOMAINNET = 1e-6
+SCALE_LR = 1e-5
+SCALE_WEIGHT_DECAY = 0.0
+
+# --- Gradient disorder and freezing (ALGORITHM.md §3) ----------------------------------------
+FREEZE_INTERVAL = 300        # K, steps per disorder window
+FREEZE_THRESHOLD = 0.30      # r
+FREEZE_GRID = {
+    "pacs_officehome_4_5bit": {"r": (0.28, 0.30, 0.32), "K": (300, 350, 400)},
+    "pacs_officehome_3bit": {"r": (0.28, 0.30, 0.32), "K": (100, 150, 200)},
+    "domainnet_4_5bit": {"r": (0.20, 0.25), "K": (3000, 4000)},
+    "domainnet_8bit": {"r": (0.30, 0.35), "K": (1500, 2000)},
+}
+
+# --- DomainBed protocol (ALGORITHM.md §4) ----------------------------------------------------
+ERM_STEPS = 5000             # 15000 for DomainNet
+QAT_STEPS = 20000            # 50000 for DomainNet
+DOMAINNET_ERM_STEPS = 15000
+DOMAINNET_QAT_STEPS = 50000
+DOMAINNET_EVAL_AFTER = 45000
+BATCH_PER_DOMAIN = 32        # 24 for DomainNet
+BATCH_PER_DOMAIN_DOMAINNET = 24
+HOLDOUT_FRACTION = 0.2
+SEEDS = (0, 23)
+IMAGE_SIZE = 224
+RESIZED_CROP_SCALE = (0.7, 1.0)
+COLOR_JITTER = 0.3           # brightness, contrast, saturation, hue
+GRAYSCALE_PROB = 0.1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ROTATED_MNIST_ANGLES = (0, 15, 30, 45, 60, 75)
+EVAL_EVERY = 300
