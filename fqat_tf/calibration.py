@@ -1,0 +1,186 @@
+"""Scale initialisation on data: MSE range estimation (Nagel et al. 2021) or LSQ's rule.
+
+MSE: for a tensor `v` with `m = max|v|` (per channel for per-channel steps), try the clipping
+thresholds `t_i = i * m / n` (`i = 1..n`, n = 100), quantize with `s_i = t_i / u`, and keep the
+threshold with the least squared error, summed over calibration batches for activations.
+LSQ: `s = 2 * mean|v| / sqrt(u)`.
+
+Activation statistics come from the float network (every quantizer bypassed), so the ranges do
+not depend on the data-free initial steps.
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fqat_tf import defaults
+from fqat_tf.quantize import QuantizeWrapper, quantize_wrappers
+
+METHODS = ("mse", "lsq")
+
+
+@tf.function(reduce_retracing=True)
+def _candidate_errors(v, max_abs, lo, hi, num_candidates, per_channel):
+    """Squared quantization error of every candidate threshold; `[n]` or `[n, C]`."""
+    axes = tf.range(tf.rank(v) - 1) if per_channel else tf.range(tf.rank(v))
+
+    def err(i):
+        s = tf.maximum(tf.cast(i, tf.float32) * max_abs / tf.cast(num_candidates, tf.float32) / hi,
+                       defaults.STEP_FLOOR)
+        q = tf.round(tf.clip_by_value(v / s, lo, hi)) * s
+        return tf.reduce_sum(tf.square(v - q), axis=axes)
+
+    return tf.map_fn(err, tf.range(1, num_candidates + 1), fn_output_signature=tf.float32)
+
+
+def _max_abs(v, per_channel):
+    v = tf.abs(v)
+    return tf.reduce_max(v, axis=tf.range(tf.rank(v) - 1)) if per_channel else tf.reduce_max(v)
+
+
+def quantization_mse(values, step, num_bits, signed):
+    """Mean squared error of quantizing `values` with `step` (numpy; for reports and tests)."""
+    from fqat_tf.quant_ops import quant_range
+
+    lo, hi = quant_range(num_bits, signed)
+    values = np.asarray(values, np.float64)
+    q = np.round(np.clip(values / step, lo, hi)) * step
+    return float(np.mean((values - q) ** 2))
+
+
+def _step_from_errors(errors, max_abs, hi, num_candidates):
+    best = tf.argmin(errors, axis=0)
+    step = tf.cast(best + 1, tf.float32) * max_abs / num_candidates / hi
+    return np.maximum(step.numpy(), defaults.STEP_FLOOR).astype("float32")
+
+
+def _fit_steps(stream, quantizers, method, num_candidates):
+    """Steps for several tensors observed over a re-iterable stream of batches.
+
+    Args:
+      stream: zero-argument callable returning an iterator; each item is a list with one tensor
+        per quantizer. MSE walks it twice (max, then errors), so memory holds one batch at a time.
+      quantizers: one `Quantizer` per tensor.
+      method: "mse" or "lsq".
+      num_candidates: MSE grid size.
+
+    Returns:
+      List of float32 steps (scalars or `[C]` arrays).
+    """
+    n = len(quantizers)
+    if method == "lsq":
+        sums, counts = [0.0] * n, [0] * n
+        for tensors in stream():
+            for i, (t, q) in enumerate(zip(tensors, quantizers)):
+                a = np.abs(np.asarray(t, np.float64))
+                if q.per_channel:
+                    a = a.reshape(-1, a.shape[-1])
+                    sums[i], counts[i] = sums[i] + a.sum(0), counts[i] + a.shape[0]
+                else:
+                    sums[i], counts[i] = sums[i] + a.sum(), counts[i] + a.size
+        return [np.maximum(2.0 * (np.asarray(s) / c) / np.sqrt(q.qrange[1]),
+                           defaults.STEP_FLOOR).astype("float32")
+                for s, c, q in zip(sums, counts, quantizers)]
+    maxes = [None] * n
+    for tensors in stream():
+        for i, (t, q) in enumerate(zip(tensors, quantizers)):
+            m = _max_abs(tf.convert_to_tensor(t, tf.float32), q.per_channel)
+            maxes[i] = m if maxes[i] is None else tf.maximum(maxes[i], m)
+    maxes = [tf.maximum(m, defaults.STEP_FLOOR) for m in maxes]
+    errors = [0.0] * n
+    for tensors in stream():
+        for i, (t, q) in enumerate(zip(tensors, quantizers)):
+            lo, hi = q.qrange
+            errors[i] += _candidate_errors(
+                tf.convert_to_tensor(t, tf.float32), maxes[i], tf.constant(lo), tf.constant(hi),
+                tf.constant(num_candidates), tf.constant(q.per_channel))
+    return [_step_from_errors(e, m, q.qrange[1], num_candidates)
+            for e, m, q in zip(errors, maxes, quantizers)]
+
+
+def mse_step(batches, quantizer, num_candidates=defaults.CALIBRATION_CANDIDATES):
+    """MSE-optimal step for a list of tensors (batches) quantized by `quantizer`.
+
+    Returns:
+      The step, a float32 numpy scalar or `[C]` array.
+    """
+    return _fit_steps(lambda: ([b] for b in batches), [quantizer], "mse", num_candidates)[0]
+
+
+def lsq_step(batches, quantizer):
+    """LSQ's initial step `2 mean|v| / sqrt(u)` over all batches (per channel if needed)."""
+    return _fit_steps(lambda: ([b] for b in batches), [quantizer], "lsq", None)[0]
+
+
+def _float_probe(qmodel):
+    """A model sharing qmodel's float layers that outputs the input of every quantized layer."""
+    from keras.src.models.functional import Functional
+
+    if isinstance(qmodel, keras.Sequential) or not isinstance(qmodel, Functional):
+        qmodel = keras.Model(qmodel.inputs, qmodel.outputs)
+    taps = {}
+
+    def call(layer, *args, **kwargs):
+        if isinstance(layer, QuantizeWrapper):
+            if layer.quantize_config.input_quantizer is not None:
+                taps[layer.name] = args[0]
+            return layer.layer(args[0])
+        return layer(*args, **kwargs)
+
+    float_model = keras.models.clone_model(qmodel, clone_function=lambda l: l, call_function=call)
+    names = list(taps)
+    return keras.Model(float_model.inputs, [taps[n] for n in names]), names
+
+
+def _inputs_only(element):
+    return element[0] if isinstance(element, (tuple, list)) else element
+
+
+def calibrate_scales(qmodel, dataset, num_batches=defaults.CALIBRATION_BATCHES,
+                     method=defaults.CALIBRATION, num_candidates=defaults.CALIBRATION_CANDIDATES):
+    """Sets every kernel and input step of `qmodel` from data.
+
+    Args:
+      qmodel: a model returned by `quantize_model`.
+      dataset: iterable of input batches or `(inputs, labels, ...)` tuples.
+      num_batches: calibration batches taken from `dataset` for activation ranges.
+      method: "mse" (default) or "lsq".
+      num_candidates: MSE grid size.
+
+    Returns:
+      dict layer name -> {"kernel": step, "input": step} of the values set.
+    """
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    wrappers = {w.name: w for w in quantize_wrappers(qmodel)}
+    result = {name: {} for name in wrappers}
+    weighted = [w for w in wrappers.values() if w.quantize_config.weight_quantizer is not None]
+    steps = [_fit_steps(lambda w=w: iter([[w.layer.kernel.value]]),
+                        [w.quantize_config.weight_quantizer], method, num_candidates)[0]
+             for w in weighted]
+    for w, step in zip(weighted, steps):
+        w.weight_variables["step"].assign(step)
+        result[w.name]["kernel"] = step
+    batches = []
+    for element in dataset:
+        batches.append(tf.convert_to_tensor(_inputs_only(element)))
+        if len(batches) >= num_batches:
+            break
+    if not batches:
+        raise ValueError("calibrate_scales: the calibration dataset is empty")
+    probe, names = _float_probe(qmodel)
+    if not names:
+        return result
+
+    def stream():
+        for b in batches:
+            taps = probe(b, training=False)
+            yield list(taps) if isinstance(taps, (list, tuple)) else [taps]
+
+    steps = _fit_steps(stream, [wrappers[n].quantize_config.input_quantizer for n in names],
+                       method, num_candidates)
+    for name, step in zip(names, steps):
+        wrappers[name].input_variables["step"].assign(step)
+        result[name]["input"] = step
+    return result
