@@ -1,0 +1,94 @@
+"""The layout of a run directory, and atomic writes into it.
+
+A run directory (one `python -m fqat_tf.train` invocation, one stage) holds:
+
+    flags.json         resolved settings of the run (every flag, after flagfiles and --smoke)
+    checkpoints/       tf.train.CheckpointManager files: weights, both optimizers, freeze masks
+                       and sign windows, the data iterator, the step counter
+    tb/                TensorBoard event files
+    evals.jsonl        one JSON record per evaluation: {"step", "val/<d>", "test/<d>",
+                       "val_avg", "test_avg"}
+    disorder.csv       step,variable,disorder,mask: one row per scale variable per freeze window
+    model.keras        the selected model (training-domain validation), fake-quant for QAT
+    results.json       written last; its presence marks the run finished (see `write_results`)
+    disorder.png       gradient disorder of every scale over training (paper Fig. 3)
+    freeze_timeline.png  mask of every scale over training (paper Fig. 4)
+
+`results.json` keys: "dataset", "method", "quantizer", "weight_bits", "activation_bits",
+"test_domains" (list), "seed", "hparams" (dict: lr, rho, alpha, freeze_interval,
+freeze_threshold, ...), "selection" (text naming the rule), "selected_step", "val" and "test"
+(dicts domain -> accuracy in [0, 1] at the selected step), "val_avg", "test_avg",
+"wall_time_s", "steps", "final_masks" (dict scale variable -> 0/1, empty for float runs).
+"""
+import json
+import os
+import tempfile
+
+FLAGS_JSON = "flags.json"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tb"
+EVALS = "evals.jsonl"
+DISORDER_CSV = "disorder.csv"
+MODEL = "model.keras"
+RESULTS = "results.json"
+DISORDER_PNG = "disorder.png"
+FREEZE_PNG = "freeze_timeline.png"
+
+
+def atomic_write(path, data, mode="w"):
+    """Writes `data` to `path` through a temporary file in the same folder, then renames."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def is_finished(run_dir):
+    """A run is finished once its results.json exists."""
+    return os.path.isfile(os.path.join(run_dir, RESULTS))
+
+
+def read_results(run_dir):
+    """The results of a finished run; a clear error if the run is not finished."""
+    path = os.path.join(run_dir, RESULTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir}: not a finished run (no {RESULTS})")
+    return read_json(path)
+
+
+def read_evals(run_dir):
+    """Evaluation records of a run, in order (empty if none yet)."""
+    path = os.path.join(run_dir, EVALS)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_eval(run_dir, record):
+    """Appends one evaluation record (one JSON line, flushed)."""
+    with open(os.path.join(run_dir, EVALS), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
