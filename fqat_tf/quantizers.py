@@ -62,7 +62,7 @@ class Quantizer:
         step = layer.add_weight(
             name=f"{name}_step", shape=self.step_shape(tensor_shape),
             initializer=keras.initializers.Constant(1.0), trainable=True,
-            constraint=StepFloor())
+            constraint=StepFloor(), autocast=False)
         return {"step": step}
 
     def grad_scale(self, x):
@@ -78,6 +78,12 @@ class Quantizer:
         return quant_ops.lsq_grad_scale(n, hi)
 
     def __call__(self, x, variables):
+        # The grid arithmetic runs in float32 whatever the compute dtype (a bf16 x / s cannot
+        # even represent every level of an 8-bit grid); the result returns in x's dtype.
+        y = self._fake_quant(tf.cast(x, tf.float32), variables)
+        return tf.cast(y, x.dtype)
+
+    def _fake_quant(self, x, variables):
         raise NotImplementedError
 
     def get_config(self):
@@ -97,7 +103,7 @@ class Quantizer:
 class LSQQuantizer(Quantizer):
     """Learned Step Size Quantization (Esser et al. 2020)."""
 
-    def __call__(self, x, variables):
+    def _fake_quant(self, x, variables):
         return quant_ops.lsq_fake_quant(
             x, variables["step"].value, num_bits=self.num_bits, signed=self.signed,
             grad_scale=self.grad_scale(x))
@@ -128,10 +134,11 @@ class EWGSQuantizer(Quantizer):
         variables = super().build(layer, tensor_shape, name)
         variables["delta"] = layer.add_weight(
             name=f"{name}_ewgs_delta", shape=(),
-            initializer=keras.initializers.Constant(self.delta), trainable=False)
+            initializer=keras.initializers.Constant(self.delta), trainable=False,
+            autocast=False)
         return variables
 
-    def __call__(self, x, variables):
+    def _fake_quant(self, x, variables):
         return quant_ops.ewgs_fake_quant(
             x, variables["step"].value, num_bits=self.num_bits, signed=self.signed,
             grad_scale=self.grad_scale(x), delta=variables["delta"].value)
