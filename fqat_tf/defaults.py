@@ -69,3 +69,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROTATED_MNIST_ANGLES = (0, 15, 30, 45, 60, 75)
 EVAL_EVERY = 300
+
+# --- Backbones and initialisation (fqat_tf.models) -------------------------------------------
+# torch's BatchNorm2d defaults (momentum 0.1 is 0.9 in Keras's convention), so converted torch
+# weights give the same outputs; DomainBed's MNIST CNN uses GroupNorm with 8 groups.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+GROUPNORM_GROUPS = 8
+GROUPNORM_EPSILON = 1e-5
+INIT = "none"                # "none" | "imagenet" (leaks test information) | "mocov2:PATH"
+
+# --- Data pipeline (fqat_tf.data) -------------------------------------------------------------
+EVAL_BATCH_SIZE = 64             # DomainBed's evaluation loaders
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of torchvision's RandomResizedCrop
+# The one MNIST shuffle before the digits are dealt to the rotated domains; independent of the
+# training seed (DomainBed's default --seed 0).
+ROTATED_MNIST_SHUFFLE_SEED = 0
+DATA_VERIFY = "decode"           # file check before training: "header" (leading bytes) | "decode"
+TFDS_SHUFFLE_BUFFER = 2000       # encoded images buffered per domain when streaming from TFDS
+
+# --- Loss landscape (fqat_tf.landscape; Li et al. 2018, paper Fig. 1 and 7) -----------------
+LANDSCAPE_GRID = 21          # points per direction; odd, so the trained model is the centre
+LANDSCAPE_SPAN = 1.0         # coordinates run over [-span, span] along each direction
+LANDSCAPE_BATCHES = 4        # training-domain validation batches the loss is averaged over
+LANDSCAPE_SEED = 0           # seed of the two random directions
