@@ -93,3 +93,14 @@ LANDSCAPE_GRID = 21          # points per direction; odd, so the trained model i
 LANDSCAPE_SPAN = 1.0         # coordinates run over [-span, span] along each direction
 LANDSCAPE_BATCHES = 4        # training-domain validation batches the loss is averaged over
 LANDSCAPE_SEED = 0           # seed of the two random directions
+
+# --- Integer TFLite export (export/) ----------------------------------------------------------
+# Activation ranges of the tensors the Keras model keeps float come from this many batches of
+# the training stream (one block per training domain, evaluation transform, no augmentation).
+EXPORT_REPRESENTATIVE_BATCHES = 4
+EXPORT_IO = "int8"               # type of the TFLite model's input and output: "int8" | "float"
+EXPORT_MIN_AGREEMENT = 0.99      # export.verify fails below this top-1 agreement with Keras
+EXPORT_VERIFY_BATCH = 64         # images per interpreter call in export.verify
+LATENCY_RUNS = 100               # timed single-image runs per setting (the median is reported)
+LATENCY_WARMUP = 10
+LATENCY_THREADS = (1, 2)

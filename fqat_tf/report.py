@@ -1,0 +1,362 @@
+"""Aggregates finished runs into the paper's table format (Tables 1-2 and 11-26).
+
+    python -m fqat_tf.report runs/sweep --out table.md --csv table.csv [--select_hparams]
+
+One row per method setting (method, quantizer, bit widths, hyperparameters other than the seed
+and the test domains), one (Val, Test) column pair per test domain plus the average. As in
+DomainBed's leave-one-domain-out tables, the Val cell of a domain is the training-domain
+validation accuracy of the runs that hold that domain out, the Test cell their accuracy on it;
+a run holding out a group (DomainNet's pairs) fills the columns of every domain in the group.
+Cells are "mean +- error" over seeds in percent.
+"""
+import argparse
+import collections
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+
+import numpy as np
+
+from fqat_tf import methods
+from fqat_tf import rundir
+from fqat_tf.data import registry
+
+ERRORS = {"std": "population standard deviation over seeds (numpy ddof=0)",
+          "sem": "standard error over seeds (population std / sqrt(n), DomainBed's "
+                 "collect_results)"}
+AVG_STDS = {"seeds": "Avg: mean over seeds of each seed's average over the domain columns, "
+                     "with the same error of those per-seed averages",
+            "domains": "Avg: mean of the column means +- mean of the column errors (the "
+                       "convention of the paper's Tables 11-26)"}
+_NOT_HPARAMS = ("seed", "test_domains")
+_REQUIRED = ("dataset", "method", "quantizer", "weight_bits", "activation_bits", "test_domains",
+             "seed", "hparams", "test", "val_avg")
+
+
+class ReportError(ValueError):
+    """Input the report cannot aggregate: no runs, mixed datasets, conflicting duplicates."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The fields of one finished run's results.json that the tables use."""
+    run_dir: str
+    dataset: str
+    setting: tuple         # (method, quantizer, weight_bits, activation_bits)
+    hparams: dict
+    hkey: str              # the hparams as canonical JSON, for grouping
+    test_domains: tuple
+    seed: int
+    val_avg: float
+    test: dict
+    selection: str
+
+
+def find_runs(roots):
+    """Every finished run directory (one holding results.json) below each root, sorted.
+
+    Raises:
+        ReportError: a root is not a folder, or holds no finished run.
+    """
+    found = []
+    for root in roots:
+        if not os.path.isdir(root):
+            raise ReportError(f"{root}: not a folder")
+        here = sorted(os.path.dirname(os.path.join(folder, rundir.RESULTS))
+                      for folder, _, files in os.walk(root) if rundir.RESULTS in files)
+        if not here:
+            raise ReportError(f"{root}: no finished run (no {rundir.RESULTS} below it)")
+        found.extend(here)
+    return found
+
+
+def load_run(run_dir):
+    """Reads one finished run; a clear error naming the file if a key is missing."""
+    res = rundir.read_results(run_dir)
+    path = os.path.join(run_dir, rundir.RESULTS)
+    missing = [k for k in _REQUIRED if k not in res]
+    if missing:
+        raise ReportError(f"{path}: missing key(s) {missing}")
+    tests = res["test_domains"]
+    tests = tuple(tests.split(",")) if isinstance(tests, str) else tuple(tests)
+    absent = [d for d in tests if d not in res["test"]]
+    if not tests or absent:
+        raise ReportError(f"{path}: test_domains {list(tests)} but test accuracies for "
+                          f"{sorted(res['test'])}")
+    method = res["method"]
+    quantized = methods.METHODS[method].quantized if method in methods.METHODS else (
+        res["weight_bits"] is not None)
+    # Quantizer and bit widths do not affect a float run, so they do not split its row.
+    setting = (method, res["quantizer"], res["weight_bits"], res["activation_bits"]) \
+        if quantized else (method, None, None, None)
+    hparams = {k: v for k, v in dict(res["hparams"]).items() if k not in _NOT_HPARAMS}
+    return Run(run_dir=run_dir, dataset=res["dataset"], setting=setting, hparams=hparams,
+               hkey=json.dumps(hparams, sort_keys=True), test_domains=tests,
+               seed=int(res["seed"]), val_avg=float(res["val_avg"]),
+               test={d: float(res["test"][d]) for d in tests},
+               selection=str(res.get("selection", "")))
+
+
+def _dedupe(runs):
+    """Drops a run found twice (e.g. a reused ERM stage); two different results are an error."""
+    kept = {}
+    for run in runs:
+        key = (run.setting, run.hkey, run.test_domains, run.seed)
+        other = kept.get(key)
+        if other is None:
+            kept[key] = run
+        elif (other.val_avg, other.test) != (run.val_avg, run.test):
+            raise ReportError(f"{other.run_dir} and {run.run_dir}: the same setting, test "
+                              f"domains {list(run.test_domains)} and seed {run.seed} with "
+                              f"different results; keep one of them out of the roots")
+    return list(kept.values())
+
+
+def _columns(dataset, runs):
+    seen = {d for r in runs for d in r.test_domains}
+    order = registry.DATASETS[dataset].domains if dataset in registry.DATASETS else ()
+    return [d for d in order if d in seen] + sorted(seen - set(order))
+
+
+def _stat(values, error):
+    """(mean, error, n) in percent of accuracies in [0, 1]; None for no values."""
+    if not values:
+        return None
+    v = 100.0 * np.asarray(values, dtype=np.float64)
+    err = float(np.std(v))
+    if error == "sem":
+        err /= np.sqrt(len(v))
+    return {"mean": float(np.mean(v)), "err": err, "n": len(v)}
+
+
+def _row(setting, runs, columns, error, avg_std):
+    """One table row from the runs of one setting (at most one run per test group and seed)."""
+    per_col = {c: {} for c in columns}   # column -> seed -> (val, test)
+    for r in runs:
+        for d in r.test_domains:
+            per_col[d][r.seed] = (r.val_avg, r.test[d])
+    cells = {c: {"val": _stat([v for v, _ in per_col[c].values()], error),
+                 "test": _stat([t for _, t in per_col[c].values()], error)} for c in columns}
+    seeds = sorted({r.seed for r in runs})
+    if avg_std == "seeds":
+        complete = [s for s in seeds if all(s in per_col[c] for c in columns)]
+        avg = {part: _stat([np.mean([per_col[c][s][i] for c in columns]) for s in complete],
+                           error) for i, part in enumerate(("val", "test"))}
+    elif all(cells[c]["val"] for c in columns):
+        avg = {part: {"mean": float(np.mean([cells[c][part]["mean"] for c in columns])),
+                      "err": float(np.mean([cells[c][part]["err"] for c in columns])),
+                      "n": min(cells[c][part]["n"] for c in columns)}
+               for part in ("val", "test")}
+    else:
+        avg = {"val": None, "test": None}
+    method, quantizer, wbits, abits = setting
+    return {"dataset": runs[0].dataset, "method": method, "quantizer": quantizer,
+            "weight_bits": wbits, "activation_bits": abits, "columns": list(columns),
+            "cells": cells, "avg": avg, "seeds": seeds, "runs": len(runs), "error": error,
+            "avg_std": avg_std, "selection": sorted({r.selection for r in runs if r.selection})}
+
+
+def _varying(hparam_dicts):
+    """The hyperparameter names whose values differ between the given settings."""
+    keys = sorted({k for h in hparam_dicts for k in h})
+    return [k for k in keys if len({json.dumps(h.get(k)) for h in hparam_dicts}) > 1]
+
+
+def _describe(hparams, keys):
+    return ", ".join(f"{k}={hparams.get(k)}" for k in keys)
+
+
+def _select(family_runs):
+    """Per test group, the runs of the hparam setting with the best mean validation accuracy.
+
+    Only the training-domain validation accuracy (val_avg) decides; ties go to the first
+    setting in canonical order, so the choice never depends on test accuracy.
+    """
+    by_group = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in family_runs:
+        by_group[r.test_domains][r.hkey].append(r)
+    chosen, selected = [], {}
+    for group, settings in by_group.items():
+        best = max(sorted(settings), key=lambda h: np.mean([r.val_avg for r in settings[h]]))
+        chosen.extend(settings[best])
+        selected["+".join(group)] = settings[best][0].hparams
+    return chosen, selected
+
+
+def _sort_key(row):
+    names = list(methods.METHODS)
+    method = row["method"]
+    return (row["quantizer"] is not None, str(row["quantizer"]), row["weight_bits"] or 0,
+            row["activation_bits"] or 0, names.index(method) if method in names else len(names),
+            method, row["label"])
+
+
+def aggregate(run_dirs, select_hparams=False, error="std", avg_std="seeds"):
+    """Groups finished runs into table rows.
+
+    Args:
+        run_dirs: finished run directories (see `find_runs`).
+        select_hparams: per (method, quantizer, bits, test domains) keep only the hparam
+            setting with the best mean training-domain validation accuracy over seeds.
+        error: "std" (population std over seeds) or "sem" (DomainBed's standard error).
+        avg_std: how the Avg column's error is formed; see `AVG_STDS`.
+
+    Returns:
+        A list of row dicts: "dataset", "method", "quantizer", "weight_bits",
+        "activation_bits", "label", "hparams" (the setting's, or with `select_hparams` a dict
+        test group -> selected hparams), "columns", "cells" (column -> {"val", "test"} ->
+        {"mean", "err", "n"} in percent, or None), "avg", "seeds", "runs", "error", "avg_std",
+        "selection" (the runs' model-selection rules), "select_hparams", "varying" (the
+        hparam names that differ within the row's method setting).
+
+    Raises:
+        ReportError: no runs, runs of more than one dataset, conflicting duplicate runs, or a
+            bad `error` / `avg_std`.
+    """
+    if error not in ERRORS:
+        raise ReportError(f"error={error!r}; expected one of {sorted(ERRORS)}")
+    if avg_std not in AVG_STDS:
+        raise ReportError(f"avg_std={avg_std!r}; expected one of {sorted(AVG_STDS)}")
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise ReportError("no finished runs to aggregate")
+    datasets = collections.defaultdict(list)
+    for r in runs:
+        datasets[r.dataset].append(r.run_dir)
+    if len(datasets) > 1:
+        examples = "; ".join(f"{d}: {dirs[0]}" for d, dirs in sorted(datasets.items()))
+        raise ReportError(f"runs of {len(datasets)} datasets {sorted(datasets)} in one table "
+                          f"({examples}); report each dataset separately")
+    runs = _dedupe(runs)
+    columns = _columns(runs[0].dataset, runs)
+    families = collections.defaultdict(list)
+    for r in runs:
+        families[r.setting].append(r)
+    rows = []
+    for setting, family in families.items():
+        label = setting[0] if setting[1] is None else f"{setting[0]} ({setting[1]})"
+        if select_hparams:
+            chosen, selected = _select(family)
+            row = _row(setting, chosen, columns, error, avg_std)
+            row.update(label=label, hparams=selected, select_hparams=True,
+                       varying=_varying([r.hparams for r in family]))
+            rows.append(row)
+            continue
+        varying = _varying([r.hparams for r in family])
+        for hkey in sorted({r.hkey for r in family}):
+            group = [r for r in family if r.hkey == hkey]
+            row = _row(setting, group, columns, error, avg_std)
+            suffix = _describe(group[0].hparams, varying)
+            row.update(label=f"{label} [{suffix}]" if suffix else label,
+                       hparams=group[0].hparams, select_hparams=False, varying=varying)
+            rows.append(row)
+    return sorted(rows, key=_sort_key)
+
+
+def _bits(row):
+    if row["weight_bits"] is None:
+        return "Full"
+    return f"{row['weight_bits']}/{row['activation_bits']}"
+
+
+def _cell(stat, seeds):
+    if stat is None:
+        return "-"
+    text = f"{stat['mean']:.2f} ± {stat['err']:.2f}"
+    return text if stat["n"] == len(seeds) else f"{text} (n={stat['n']})"
+
+
+def _check_rows(rows):
+    if not rows:
+        raise ReportError("no rows to format")
+    if len({r["dataset"] for r in rows}) > 1 or len({tuple(r["columns"]) for r in rows}) > 1:
+        raise ReportError("rows of different datasets or columns cannot share a table")
+
+
+def to_markdown(rows):
+    """The rows as a Markdown table with a footer that states every convention used."""
+    _check_rows(rows)
+    columns = rows[0]["columns"]
+    header = ["Method", "W/A"] + [f"{c} {p}" for c in columns + ["Avg"]
+                                  for p in ("Val", "Test")] + ["Seeds"]
+    lines = [f"### {rows[0]['dataset']}: accuracy (%), Val = training-domain validation "
+             f"(in-distribution), Test = held-out domain (out-of-distribution)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [_cell(row["cells"][c][p], row["seeds"]) for c in columns for p in ("val", "test")]
+        cells += [_cell(row["avg"][p], row["seeds"]) for p in ("val", "test")]
+        lines.append("| " + " | ".join([row["label"], _bits(row)] + cells +
+                                       [", ".join(map(str, row["seeds"]))]) + " |")
+    lines += ["", f"- Cells: mean ± {ERRORS[rows[0]['error']]}, in percent; (n=k) marks a "
+              f"cell with fewer seeds than its row.", f"- {AVG_STDS[rows[0]['avg_std']]}."]
+    rules = sorted({s for row in rows for s in row["selection"]})
+    if rules:
+        lines.append(f"- Model selection within each run: {'; '.join(rules)}.")
+    if any(row["select_hparams"] for row in rows):
+        lines.append("- Hyperparameters selected per (method, bits, test domains) by the best "
+                     "mean training-domain validation accuracy over seeds (test accuracy never "
+                     "used):")
+        for row in (r for r in rows if r["select_hparams"]):
+            for group, hparams in sorted(row["hparams"].items()):
+                chosen = _describe(hparams, row["varying"]) or "the only setting"
+                lines.append(f"  - {row['label']} {_bits(row)}, {group}: {chosen}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows):
+    """The rows as CSV: one numeric mean / error / n triple per column, part and average."""
+    _check_rows(rows)
+    columns = rows[0]["columns"] + ["avg"]
+    err = rows[0]["error"]
+    header = ["dataset", "method", "quantizer", "weight_bits", "activation_bits", "label",
+              "hparams", "seeds"] + [f"{c}_{p}_{s}" for c in columns for p in ("val", "test")
+                                     for s in ("mean", err, "n")]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        values = []
+        for c in columns:
+            for p in ("val", "test"):
+                stat = row["avg"][p] if c == "avg" else row["cells"][c][p]
+                values += ["", "", ""] if stat is None else [
+                    f"{stat['mean']:.4f}", f"{stat['err']:.4f}", stat["n"]]
+        writer.writerow([row["dataset"], row["method"], row["quantizer"] or "",
+                         row["weight_bits"] or "", row["activation_bits"] or "", row["label"],
+                         json.dumps(row["hparams"], sort_keys=True),
+                         " ".join(map(str, row["seeds"]))] + values)
+    return out.getvalue()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m fqat_tf.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("roots", nargs="+", metavar="RUN_ROOT",
+                        help="folders searched for finished runs (results.json)")
+    parser.add_argument("--out", help="write the Markdown table here (it is printed anyway)")
+    parser.add_argument("--csv", help="write the table as CSV here")
+    parser.add_argument("--select_hparams", action="store_true",
+                        help="keep per (method, bits, test domains) the hparam setting with "
+                             "the best mean training-domain validation accuracy")
+    parser.add_argument("--error", choices=sorted(ERRORS), default="std")
+    parser.add_argument("--avg_std", choices=sorted(AVG_STDS), default="seeds")
+    args = parser.parse_args(argv)
+    try:
+        rows = aggregate(find_runs(args.roots), args.select_hparams, args.error, args.avg_std)
+        markdown = to_markdown(rows)
+        if args.out:
+            rundir.atomic_write(args.out, markdown)
+        if args.csv:
+            rundir.atomic_write(args.csv, to_csv(rows))
+    except (ReportError, FileNotFoundError, ValueError) as e:
+        print(f"fqat_tf.report: error: {e}", file=sys.stderr)
+        return 1
+    print(markdown, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

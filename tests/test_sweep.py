@@ -1,0 +1,164 @@
+"""fqat_tf.sweep: the run list, flag order and checks, and an end-to-end sweep of a stand-in."""
+import itertools
+import json
+import os
+import shlex
+import sys
+
+import pytest
+
+from fqat_tf import rundir, sweep
+from fqat_tf.data import registry
+
+PACS = ("art_painting", "cartoon", "photo", "sketch")
+GRID = "freeze_threshold=0.28,0.30,0.32;freeze_interval=300,350,400"
+
+# A stand-in for fqat_tf.train: logs its argv, fails for --fail_seed, else finishes the run.
+FAKE_TRAIN = """\
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+with open(args["calls_log"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if args["seed"] == args.get("fail_seed"):
+    sys.exit(3)
+os.makedirs(args["output_dir"], exist_ok=True)
+with open(os.path.join(args["output_dir"], "results.json"), "w") as f:
+    json.dump({"seed": int(args["seed"]), "test_domains": args["test_domains"].split(",")}, f)
+"""
+
+
+def flagfile(tmp_path, dataset="pacs", weight_bits=4, name="cell.cfg"):
+    """An experiment flagfile that includes a base file, as experiments/*.cfg do."""
+    base = tmp_path / f"base_{name}"
+    base.write_text(f"# shared settings\n--dataset={dataset}\n--seed=0\n--test_domains=0\n")
+    cell = tmp_path / name
+    cell.write_text(f"# Paper cell\n--flagfile={base}\n--method=fqat\n"
+                    f"--weight_bits={weight_bits}\n--freeze_interval=350\n")
+    return str(cell)
+
+
+def test_plan_crosses_domains_seeds_and_grid(tmp_path):
+    cfg, out = flagfile(tmp_path), str(tmp_path / "sweep")
+    runs = sweep.plan(cfg, out, seeds=(0, 23), grid=GRID, extra_flags=["--smoke"],
+                      command=("train",))
+    assert len(runs) == 3 * 3 * 4 * 2 and len({d for d, _ in runs}) == len(runs)
+    first_dir, first_argv = runs[0]
+    assert first_dir == os.path.join(out, "cell__freeze_threshold-0.28__freeze_interval-300",
+                                     "art_painting", "seed0")
+    # Extras override the flagfile; the sweep's own flags come last, so nothing overrides them.
+    assert first_argv == ["train", f"--flagfile={cfg}", "--smoke",
+                          f"--erm_cache_dir={os.path.join(out, 'erm_cache')}",
+                          "--test_domains=art_painting",
+                          "--seed=0", "--freeze_threshold=0.28", "--freeze_interval=300",
+                          f"--output_dir={first_dir}"]
+    got = {tuple(a.split("=", 1)[1] for a in argv[4:8]) for _, argv in runs}
+    assert got == set(itertools.product(PACS, ("0", "23"), ("0.28", "0.30", "0.32"),
+                                        ("300", "350", "400")))
+
+
+def test_plan_without_grid_and_with_domain_groups(tmp_path):
+    runs = sweep.plan(flagfile(tmp_path, "domain_net"), "s", seeds=[1], command=("t",))
+    assert [d for d, _ in runs] == [os.path.join("s", "cell", g, "seed1") for g in
+                                    ("clipart+infograph", "painting+quickdraw", "real+sketch")]
+    assert runs[0][1][2] == f"--erm_cache_dir={os.path.join('s', 'erm_cache')}"
+    assert runs[0][1][3] == "--test_domains=clipart,infograph"
+    custom = sweep.plan(flagfile(tmp_path, "domain_net"), "s", "quickdraw+painting,real",
+                        seeds=[0], command=("t",))
+    assert [argv[3] for _, argv in custom] == ["--test_domains=painting,quickdraw",
+                                                "--test_domains=real"]
+    office = sweep.plan(flagfile(tmp_path, "office_home"), "s", "real world", [0],
+                        command=("t",))
+    assert office[0][0] == os.path.join("s", "cell", "Real_World", "seed0")
+    assert office[0][1][3] == "--test_domains=Real World"
+
+
+def test_paper_grid_follows_dataset_and_bits(tmp_path):
+    runs = sweep.plan(flagfile(tmp_path, "pacs", 3), "s", "sketch", [0], grid="paper",
+                      command=("t",))
+    assert [argv[-3:-1] for _, argv in runs][:3] == [
+        ["--freeze_threshold=0.28", "--freeze_interval=100"],
+        ["--freeze_threshold=0.28", "--freeze_interval=150"],
+        ["--freeze_threshold=0.28", "--freeze_interval=200"]]
+    assert len(runs) == 9
+    assert sweep.paper_grid("domain_net", 8) == {"freeze_threshold": ["0.3", "0.35"],
+                                                 "freeze_interval": ["1500", "2000"]}
+    assert sweep.paper_grid("office_home", "5")["freeze_interval"] == ["300", "350", "400"]
+    with pytest.raises(ValueError, match="no freeze grid for pacs at 6 weight bits"):
+        sweep.paper_grid("pacs", 6)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"grid": "freeze_threshold"}, ValueError, "expected name=value1"),
+    ({"grid": "lr=1e-5,"}, ValueError, "empty value"),
+    ({"grid": "lr=1;lr=2"}, ValueError, "names 'lr' twice"),
+    ({"grid": "seed=1,2"}, ValueError, "may not set 'seed'"),
+    ({"extra_flags": ["--seed=3"]}, ValueError, "set by the sweep"),
+    ({"extra_flags": ["--output_dir=x"]}, ValueError, "set by the sweep"),
+    ({"extra_flags": ["steps", "10"]}, ValueError, "as --name=value"),
+    ({"grid": "lr=1,2", "extra_flags": ["--lr=3"]}, ValueError, r"\['lr'\] set both"),
+    ({"test_domains": "drawing"}, registry.DataError, "unknown test domain 'drawing'"),
+    ({"test_domains": "sketch,photo+sketch"}, registry.DataError, "repeated domain"),
+    ({"seeds": [0, 0]}, ValueError, "each once"),
+])
+def test_bad_arguments_name_the_culprit(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sweep.plan(flagfile(tmp_path), "s", command=("t",), **kwargs)
+
+
+def test_bad_flagfiles(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.cfg: no such file"):
+        sweep.plan(str(tmp_path / "absent.cfg"), "s")
+    (tmp_path / "nodata.cfg").write_text("--method=fqat\n")
+    with pytest.raises(ValueError, match="sets no --dataset"):
+        sweep.plan(str(tmp_path / "nodata.cfg"), "s")
+    (tmp_path / "broken.cfg").write_text(f"--flagfile={tmp_path / 'gone.cfg'}\n")
+    with pytest.raises(FileNotFoundError, match="gone.cfg"):
+        sweep.plan(str(tmp_path / "broken.cfg"), "s")
+
+
+def _calls(log):
+    with open(log) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys):
+    cfg, out, log = flagfile(tmp_path), str(tmp_path / "sweep"), str(tmp_path / "calls.jsonl")
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'fake_train.py'))}"
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    finished = os.path.join(out, "cell", "art_painting", "seed0")
+    rundir.write_json(os.path.join(finished, rundir.RESULTS), {"seed": 0})
+    argv = [f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0,1",
+            f"--train_command={command}", "--", f"--calls_log={log}", "--fail_seed=1"]
+
+    assert sweep.main(argv) == 1
+    calls = _calls(log)
+    assert len(calls) == 7  # 4 domains x 2 seeds, less the finished run
+    assert all(f"--calls_log={log}" in c and "--fail_seed=1" in c for c in calls)
+    summary = capsys.readouterr().out
+    assert "3 done, 1 skipped (already finished), 4 failed" in summary
+    assert all(rundir.is_finished(os.path.join(out, "cell", d, "seed0")) for d in PACS)
+    assert not rundir.is_finished(os.path.join(out, "cell", "sketch", "seed1"))
+    manifest = rundir.read_json(os.path.join(out, sweep.SWEEP_JSON))
+    assert len(manifest["runs"]) == 8 and len(manifest["failed"]) == 4
+    assert os.path.isfile(os.path.join(out, sweep.LOGS, "cell__sketch__seed1.log"))
+
+    # Rerunning the same sweep runs only what is not finished, two at a time.
+    argv[-1] = "--fail_seed=none"
+    assert sweep.main(argv[:3] + ["--parallel=2"] + argv[3:]) == 0
+    rerun = _calls(log)[7:]
+    assert sorted(c[-1] for c in rerun) == sorted(
+        f"--output_dir={os.path.join(out, 'cell', d, 'seed1')}" for d in PACS)
+    assert "4 done, 4 skipped (already finished), 0 failed" in capsys.readouterr().out
+
+    assert sweep.main(argv[:3] + ["--dry_run"] + argv[3:]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("[finished]") == 8 and "8 runs planned" in listing
+    assert len(_calls(log)) == 11
+
+
+def test_cli_bad_arguments_exit_2(tmp_path, capsys):
+    cfg = flagfile(tmp_path)
+    assert sweep.main([f"--flagfile={cfg}", "--sweep_dir=s", "--grid=K"]) == 2
+    assert "--grid part 'K'" in capsys.readouterr().err
+    assert sweep.main([f"--flagfile={cfg}", "--sweep_dir=s", "--parallel=0"]) == 2
+    assert "--parallel=0" in capsys.readouterr().err
