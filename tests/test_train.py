@@ -1,0 +1,205 @@
+"""The training program: every experiments/*.cfg in smoke mode, outputs, resume, bad flags."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app, flags
+
+import fqat_tf
+from fqat_tf import rundir, train, trainer
+from fqat_tf.data import DATASETS
+from fqat_tf.data.synthetic import write_image_tree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.relpath(p, ROOT)
+                 for p in glob.glob(os.path.join(ROOT, "experiments", "*.cfg")))
+FOLDERS = {"pacs": "PACS", "office_home": "office_home", "domain_net": "domain_net"}
+
+
+def _parse(args):
+    """Parses train.py's flags in this process (from the repo root, as the README runs them)."""
+    flags.FLAGS.unparse_flags()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        flags.FLAGS(["fqat_tf.train", *args])
+        return train.settings_from_flags()
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A tiny DomainBed data root with every photo dataset's domains and classes."""
+    root = str(tmp_path_factory.mktemp("data"))
+    for name, folder in FOLDERS.items():
+        info = DATASETS[name]
+        classes = info.class_names or tuple(f"class_{i:03d}" for i in range(info.num_classes))
+        per_class = 1 if len(classes) > 100 else 3
+        write_image_tree(os.path.join(root, folder), info.domains, classes,
+                         images_per_class=per_class, size=(8, 8))
+    return root
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_every_experiment_config_runs_in_smoke_mode(cfg, data_root, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    out = os.path.join(base, "runs", os.path.basename(cfg)[:-4])
+    settings = _parse([f"--flagfile={cfg}", "--smoke", f"--data_dir={data_root}",
+                       f"--output_dir={out}", f"--erm_cache_dir={base}/erm_cache",
+                       "--verbose=0"])
+    results = trainer.run(settings)
+    assert rundir.is_finished(out)
+    assert 0.0 <= results["val_avg"] <= 1.0 and 0.0 <= results["test_avg"] <= 1.0
+    assert results["method"] == settings["method"]
+    assert set(results["test"]) == set(settings["test_domains"])
+
+
+def test_quickstart_outputs_exist_and_parse(tmp_path):
+    out = str(tmp_path / "qat")
+    settings = _parse(["--flagfile=experiments/quickstart.cfg", "--smoke", f"--output_dir={out}",
+                       f"--erm_cache_dir={tmp_path}/erm", "--verbose=0"])
+    assert settings["method"] == "fqat" and settings["dataset"] == "rotated_mnist_5k"
+    results = trainer.run(settings)
+    for name in (rundir.FLAGS_JSON, rundir.MODEL, rundir.RESULTS, rundir.EVALS,
+                 rundir.DISORDER_CSV, rundir.DISORDER_PNG, rundir.FREEZE_PNG):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert os.listdir(os.path.join(out, rundir.TENSORBOARD))
+    for png in (rundir.DISORDER_PNG, rundir.FREEZE_PNG):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert rundir.read_json(os.path.join(out, rundir.FLAGS_JSON))["steps"] == settings["steps"]
+    evals = rundir.read_evals(out)
+    assert [r["step"] for r in evals] == list(range(settings["eval_every"], settings["steps"] + 1,
+                                                  settings["eval_every"]))
+    best = max(evals, key=lambda r: (r["val_avg"], -r["step"]))
+    assert results["selected_step"] == best["step"]
+    assert results["test_avg"] == best["test_avg"]
+    model = keras.saving.load_model(os.path.join(out, rundir.MODEL), safe_mode=True)
+    names = [v.path for v in fqat_tf.scale_variables(model)]
+    assert sorted(results["final_masks"]) == sorted(names)
+    rows = open(os.path.join(out, rundir.DISORDER_CSV)).read().splitlines()
+    assert rows[0] == "step,variable,disorder,mask"
+    assert len(rows) - 1 == len(names) * (settings["steps"] // settings["freeze_interval"])
+    # The ERM stage ran once and is reused by a second QAT run with the same ERM settings.
+    erm_dirs = os.listdir(tmp_path / "erm")
+    assert len(erm_dirs) == 1 and rundir.is_finished(str(tmp_path / "erm" / erm_dirs[0]))
+    mtime = os.path.getmtime(tmp_path / "erm" / erm_dirs[0] / rundir.RESULTS)
+    again = _parse(["--flagfile=experiments/quickstart.cfg", "--smoke", "--method=lsq",
+                    f"--output_dir={tmp_path}/lsq", f"--erm_cache_dir={tmp_path}/erm",
+                    "--verbose=0"])
+    trainer.run(again)
+    assert os.listdir(tmp_path / "erm") == erm_dirs
+    assert os.path.getmtime(tmp_path / "erm" / erm_dirs[0] / rundir.RESULTS) == mtime
+    # A finished run is not rerun.
+    assert trainer.run(settings) == results
+
+
+def _train_cmd(out, erm, steps):
+    # Compiled steps (no --smoke, which runs eagerly and caps the step count), kept small.
+    return [sys.executable, "-m", "fqat_tf.train", "--flagfile=experiments/quickstart.cfg",
+            f"--steps={steps}", "--eval_every=4", "--erm_steps=2", "--batch_per_domain=2",
+            "--freeze_interval=2", "--calibration_batches=1", "--eval_batch_size=256",
+            f"--output_dir={out}", f"--erm_cache_dir={erm}", "--deterministic", "--verbose=0"]
+
+
+def _final_variables(run_dir):
+    reader = tf.train.load_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
+    names = sorted(k for k in reader.get_variable_to_shape_map()
+                   if k.startswith("model/") and "OPTIMIZER_SLOT" not in k)
+    return {k: reader.get_tensor(k) for k in names}, reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def test_resume_after_kill_continues_and_matches_uninterrupted_run(tmp_path):
+    steps = 12
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    erm = str(tmp_path / "erm")
+    subprocess.run(_train_cmd(str(tmp_path / "straight"), erm, steps), cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(_train_cmd(out, erm, steps), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if tf.train.latest_checkpoint(os.path.join(out, rundir.CHECKPOINTS)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not rundir.is_finished(out)
+    killed_at = tf.train.load_checkpoint(os.path.join(out, rundir.CHECKPOINTS)).get_tensor(
+        "step/.ATTRIBUTES/VARIABLE_VALUE")
+    assert 0 < killed_at < steps
+    done = subprocess.run(_train_cmd(out, erm, steps), cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed {out} at step {killed_at}" in done.stderr
+    straight, n1 = _final_variables(str(tmp_path / "straight"))
+    resumed, n2 = _final_variables(out)
+    assert n1 == n2 == steps
+    assert straight.keys() == resumed.keys() and any("freeze_state" in k for k in straight)
+    for k in straight:
+        np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
+    assert [r["step"] for r in rundir.read_evals(out)] == list(range(4, steps + 1, 4))
+    assert rundir.read_results(out)["test_avg"] == \
+        rundir.read_results(str(tmp_path / "straight"))["test_avg"]
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--weight_bits=9"], "weight_bits"),
+    (["--activation_bits=1"], "activation_bits"),
+    (["--method=nope"], "method"),
+    (["--dataset=imagenet"], "dataset"),
+    (["--test_domains=90"], "test_domains"),
+    (["--method=erm", "--weight_bits=4"], "weight_bits"),
+    (["--method=ewgs", "--quantizer=lsq"], "quantizer"),
+    (["--freeze_interval=1"], "freeze_interval"),
+    (["--freeze_threshold=1.5"], "freeze_threshold"),
+    (["--steps=0"], "steps"),
+    (["--lr=0"], "lr"),
+    (["--init=imagenet21k"], "init"),
+    (["--backbone=vgg"], "backbone"),
+    (["--image_size=64"], "image_size"),
+    (["--eval_after=10", "--steps=10"], "eval_after"),
+])
+def test_bad_flags_name_the_flag(args, flag):
+    with pytest.raises(app.UsageError, match=f"--{flag}"):
+        _parse(args)
+
+
+def test_bad_flag_exits_non_zero_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    for args, needle in ((["--weight_bits=12"], "--weight_bits"),
+                         (["--no_such_flag=1"], "no_such_flag")):
+        proc = subprocess.run([sys.executable, "-m", "fqat_tf.train", *args,
+                               f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert proc.returncode != 0
+        assert needle in proc.stderr
+        assert not out.exists()
+
+
+def test_output_dir_with_other_settings_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    rundir.write_json(os.path.join(out, rundir.FLAGS_JSON), {"method": "lsq", "steps": 3})
+    settings = _parse(["--smoke", "--method=fqat", f"--output_dir={out}",
+                       f"--erm_cache_dir={tmp_path}/erm", "--erm_steps=0", "--verbose=0"])
+    with pytest.raises(trainer.RunError, match="other settings"):
+        trainer.train_stage(settings, out)
+
+
+def test_method_aliases_resolve():
+    s = _parse(["--method=ewgs_sagm"])
+    assert (s["method"], s["quantizer"]) == ("lsq_sagm", "ewgs")
+    s = _parse(["--method=erm"])
+    assert s["quantizer"] == "lsq" and s["output_dir"].endswith(os.path.join("0", "seed0"))
