@@ -1,6 +1,21 @@
-"""fqat_tf: flatness-oriented quantization-aware training (FQAT) for Keras 3 / TensorFlow."""
+"""fqat_tf: flatness-oriented quantization-aware training (FQAT) for Keras 3 / TensorFlow.
+
+    qmodel = fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4)
+    fqat_tf.calibrate_scales(qmodel, dataset, num_batches=8)
+    model = fqat_tf.FQATModel(qmodel, method="fqat", rho=0.05, alpha=0.001)
+    model.compile(optimizer=..., scale_optimizer=..., loss=..., metrics=[...])
+    model.fit(dataset, callbacks=[fqat_tf.DisorderFreezeCallback(interval=300, threshold=0.3)])
+"""
 from fqat_tf.calibration import calibrate_scales
+from fqat_tf.fqat_model import FQATModel
+from fqat_tf.freeze import DisorderFreezeCallback, gradient_disorder
+from fqat_tf.methods import METHODS
 from fqat_tf.quantize import QuantizeWrapper, quantize_model, scale_variables
 from fqat_tf.quantizers import EWGSQuantizer, LSQQuantizer
+from fqat_tf.sagm import sagm_gradients
 
 __version__ = "0.1.0"
+
+__all__ = ["DisorderFreezeCallback", "EWGSQuantizer", "FQATModel", "LSQQuantizer", "METHODS",
+           "QuantizeWrapper", "calibrate_scales", "gradient_disorder", "quantize_model",
+           "sagm_gradients", "scale_variables"]
