@@ -1,0 +1,7 @@
+"""Integer TFLite export of fqat_tf models (`python -m export.tflite`, `python -m export.verify`).
+
+`export.graph` rebuilds a fake-quant Keras model from ops the TFLite converter keeps int8
+(BatchNorm folded by `export.fold`, layers lowered by `export.layers`, fake-quant ops placed by
+`export.emitter`); `export.tflite` converts it; `export.verify` checks the result against the
+Keras model.
+"""

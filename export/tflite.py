@@ -1,0 +1,278 @@
+"""Full-integer TFLite export of a trained fake-quant model.
+
+    python -m export.tflite RUN_DIR --out model.tflite
+    python -m export.tflite model.keras --out model.tflite --dataset rotated_mnist_5k \
+        --test_domains 0
+
+The network is rebuilt by `export.graph` (BatchNorm folded, learned grids kept, 8-bit
+fake-quant on every other tensor from ranges seen on a representative sample of the training
+domains) and converted without a representative dataset: every scale is already in the graph.
+A run directory supplies the sample through its flags.json; a bare .keras file needs the data
+options, or `--random_representative` (random images: ranges that fit no real input).
+Nothing is written unless the whole export succeeds, and the .tflite is written atomically.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from export.graph import ExportGraph
+from fqat_tf import defaults, rundir
+
+log = logging.getLogger(__name__)
+FLAG_KEYS = ("dataset", "data_dir", "test_domains", "seed", "holdout_fraction",
+             "batch_per_domain")
+
+
+class ExportError(Exception):
+    """Bad input to the exporter (a path, a flag, a model it cannot convert)."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """A converted model and what the conversion had to approximate.
+
+    Attributes:
+      tflite: the flatbuffer.
+      float_layers: layers left float (only with `allow_float`).
+      requantized: quantized layers whose input was quantized on another grid first (a tensor
+        read by several quantizers, or also read as float); exact where that grid nests in
+        the layer's own (`ExportGraph.align_ranges`).
+      moved_weights: per layer, 8-bit kernel integers of -128 stored as -127.
+      ranges: `{tensor: (min, max)}` of the range-quantized tensors, as converted.
+    """
+
+    tflite: bytes
+    float_layers: list
+    requantized: list
+    moved_weights: dict
+    ranges: dict
+
+    def summary(self):
+        """The result as a JSON-friendly dict, without the flatbuffer and the ranges."""
+        return {"bytes": len(self.tflite), "float_layers": self.float_layers,
+                "requantized": self.requantized, "moved_weights": self.moved_weights,
+                "range_tensors": len(self.ranges)}
+
+
+def _images(element):
+    x = element[0] if isinstance(element, (tuple, list)) else element
+    return np.asarray(x, np.float32)
+
+
+def observe_ranges(graph, representative_data, max_batches=None):
+    """Per-tensor `(min, max)` of the tensors the Keras model keeps float, over the sample.
+
+    The extremes seen, widened to contain 0 (FakeQuant's grid holds zero exactly) and to a
+    width of at least 1e-6. (A range shrunk to the least-squares clip of each tensor lost
+    agreement on the GroupNorm networks: it clips the values the group statistics need.)
+    """
+    fn = tf.function(lambda x: graph.build(x, "observe")[1], reduce_retracing=True,
+                     autograph=False)
+    lows, highs = {}, {}
+    count = 0
+    for element in representative_data:
+        if max_batches is not None and count >= max_batches:
+            break
+        for name, (lo, hi) in fn(tf.constant(_images(element))).items():
+            lows[name] = min(lows.get(name, 0.0), float(lo))
+            highs[name] = max(highs.get(name, 0.0), float(hi))
+        count += 1
+    if not count:
+        raise ExportError("the representative data is empty")
+    return {k: (lows[k], max(highs[k], lows[k] + 1e-6)) for k in lows}
+
+
+def _to_tflite(graph, mode, ranges, int8_io):
+    spec = tf.TensorSpec((None,) + graph.input_shape[1:], tf.float32, name="image")
+    fn = tf.function(lambda x: graph.build(x, mode, ranges), input_signature=[spec],
+                     autograph=False)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    if mode == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        io_type = tf.int8 if int8_io else tf.float32
+        converter.inference_input_type = io_type
+        converter.inference_output_type = io_type
+    with warnings.catch_warnings():
+        # The input's scale comes from its FakeQuant; no separate statistics are needed.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
+
+
+def export(model, representative_data, *, int8_io=True, allow_float=False,
+           max_batches=defaults.EXPORT_REPRESENTATIVE_BATCHES):
+    """Converts a fake-quant Keras model to a full-integer TFLite model.
+
+    Args:
+      model: a Keras model from `fqat_tf.quantize_model` (or any model of supported layers).
+      representative_data: iterable of image batches or `(images, labels)` batches from the
+        training domains; sets the ranges of the tensors the Keras model keeps float.
+      int8_io: int8 model input and output (True) or float ones with (de)quantize ops inside.
+      allow_float: leave layers with no integer lowering float instead of raising.
+      max_batches: batches taken from `representative_data` (None: all).
+
+    Returns:
+      An `ExportResult`.
+
+    Raises:
+      export.graph.UnsupportedLayerError: a layer cannot be kept integer (and `allow_float`
+        is False).
+      ExportError: the representative data is empty.
+    """
+    graph = ExportGraph(model, allow_float=allow_float)
+    ranges = graph.align_ranges(observe_ranges(graph, representative_data, max_batches))
+    tflite = _to_tflite(graph, "int8", ranges, int8_io)
+    return ExportResult(tflite, list(graph.float_layers), graph.requantized,
+                        graph.moved_weights, ranges)
+
+
+def convert(model, representative_data, *, int8_io=True, allow_float=False,
+            max_batches=defaults.EXPORT_REPRESENTATIVE_BATCHES):
+    """`export(...)` returning only the flatbuffer bytes."""
+    return export(model, representative_data, int8_io=int8_io, allow_float=allow_float,
+                  max_batches=max_batches).tflite
+
+
+def convert_float(model):
+    """The float TFLite model of the same network (BatchNorm folded, no fake-quant ops)."""
+    return _to_tflite(ExportGraph(model, allow_float=True), "float", None, False)
+
+
+# --- run directories and the command line ----------------------------------------------------
+def load_model(path):
+    """Loads a fake-quant `.keras` model (safe mode), with a clear error if it cannot."""
+    import keras
+
+    import fqat_tf  # noqa: F401  (registers the quantization layers for deserialisation)
+
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: no such model file")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ExportError(f"{path}: cannot load the Keras model ({e})") from None
+
+
+def read_flags(run_dir):
+    """The run's flags.json, checked to hold the keys the data needs."""
+    path = os.path.join(run_dir, rundir.FLAGS_JSON)
+    try:
+        flags = rundir.read_json(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(str(e)) from None
+    missing = [k for k in FLAG_KEYS if k not in flags]
+    if missing:
+        raise ExportError(f"{path}: missing key(s) {missing}")
+    return flags
+
+
+def load_splits(flags):
+    """The run's leave-domains-out splits, from a flags dict (see `FLAG_KEYS`)."""
+    from fqat_tf import data
+
+    tests = flags["test_domains"]
+    tests = [t for t in tests.split(",") if t] if isinstance(tests, str) else list(tests)
+    try:
+        return data.load_splits(flags["dataset"], data_dir=flags["data_dir"], test_domains=tests,
+                                holdout_fraction=flags["holdout_fraction"], seed=flags["seed"],
+                                image_size=flags.get("image_size"))
+    except (ValueError, FileNotFoundError) as e:
+        raise ExportError(f"cannot load the run's data: {e}") from None
+
+
+def representative_batches(flags, num_batches=defaults.EXPORT_REPRESENTATIVE_BATCHES):
+    """Batches of the training stream of a run (every training domain, no augmentation)."""
+    from fqat_tf import data
+
+    splits = load_splits(flags)
+    stream = data.train_stream(splits, int(flags["batch_per_domain"]), seed=int(flags["seed"]),
+                               augment=False)
+    return [x.numpy() for x, _ in stream.take(num_batches)]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m export.tflite", description=__doc__.split("\n")[0])
+    p.add_argument("source", help="run directory (model.keras + flags.json) or a .keras file")
+    p.add_argument("--out", required=True, help="the .tflite file to write")
+    p.add_argument("--io", choices=("int8", "float"), default=defaults.EXPORT_IO,
+                   help="type of the model's input and output tensors")
+    p.add_argument("--representative_batches", type=int,
+                   default=defaults.EXPORT_REPRESENTATIVE_BATCHES)
+    p.add_argument("--allow_float", action="store_true",
+                   help="leave layers with no integer lowering float (they are reported)")
+    data = p.add_argument_group("data for a bare .keras file (a run directory has flags.json)")
+    data.add_argument("--dataset")
+    data.add_argument("--data_dir")
+    data.add_argument("--test_domains", help="comma-separated test domains")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--holdout_fraction", type=float, default=defaults.HOLDOUT_FRACTION)
+    data.add_argument("--batch_per_domain", type=int, default=defaults.BATCH_PER_DOMAIN)
+    data.add_argument("--random_representative", action="store_true",
+                      help="use random images for the ranges (no data; a poor model)")
+    return p.parse_args(argv)
+
+
+def _source(args):
+    """(model path, flags or None), every path and flag checked before any work."""
+    if args.representative_batches < 1:
+        raise ExportError(f"--representative_batches={args.representative_batches}: must be >= 1")
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
+        raise ExportError(f"--out={args.out}: not a file path in an existing folder")
+    if os.path.isdir(args.source):
+        model_path = os.path.join(args.source, rundir.MODEL)
+        if not os.path.isfile(model_path):
+            raise ExportError(f"{args.source}: not a run directory (no {rundir.MODEL})")
+        return model_path, read_flags(args.source)
+    if not os.path.exists(args.source):
+        raise ExportError(f"{args.source}: no such run directory or .keras file")
+    if not args.source.endswith(".keras"):
+        raise ExportError(f"{args.source}: expected a run directory or a .keras file")
+    if args.dataset:
+        return args.source, {"dataset": args.dataset, "data_dir": args.data_dir,
+                             "test_domains": args.test_domains or "", "seed": args.seed,
+                             "holdout_fraction": args.holdout_fraction,
+                             "batch_per_domain": args.batch_per_domain}
+    if not args.random_representative:
+        raise ExportError(f"{args.source}: a .keras file needs --dataset (and --data_dir, "
+                          f"--test_domains) for its representative data, or "
+                          f"--random_representative")
+    return args.source, None
+
+
+def main(argv=None):
+    args = _parse(argv)
+    try:
+        model_path, flags = _source(args)
+        model = load_model(model_path)
+        if flags is None:
+            print("WARNING: --random_representative: activation ranges come from random "
+                  "images, not from the training domains; the model will be inaccurate.",
+                  file=sys.stderr)
+            rng = np.random.default_rng(0)
+            shape = (defaults.BATCH_PER_DOMAIN,) + tuple(model.inputs[0].shape[1:])
+            batches = [rng.normal(size=shape).astype(np.float32)
+                       for _ in range(args.representative_batches)]
+        else:
+            batches = representative_batches(flags, args.representative_batches)
+        result = export(model, batches, int8_io=args.io == "int8",
+                        allow_float=args.allow_float, max_batches=None)
+    except (ExportError, ValueError) as e:
+        # ValueError: a model the exporter cannot take (UnsupportedLayerError is one).
+        print(f"export.tflite: error: {e}", file=sys.stderr)
+        return 1
+    rundir.atomic_write(args.out, result.tflite, mode="wb")
+    print(json.dumps({"out": args.out, **result.summary()}, indent=2, sort_keys=True))
+    if result.float_layers:
+        print("WARNING: layers left float: " + "; ".join(result.float_layers), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
