@@ -8,8 +8,10 @@ Both models are the same network with BatchNorm folded: the int8 one from `expor
 float one from `export.tflite.convert_float` (no fake-quant ops). Each is run on one image with
 XNNPACK, the default delegate of `ai_edge_litert`, at 1 and 2 threads; the median of
 `--runs` timed invocations after `--warmup` untimed ones is reported. Targets: int8 latency at
-most 0.5x float, size at most 0.27x. A network built here (no run directory) has random
-weights, calibrated on random images: latency and size do not depend on the values.
+most 0.5x float, size at most 0.27x. A third column times the converter's own post-training
+int8 model of the float network (one XNNPACK partition, no clip ops): what int8 can reach on
+this CPU. A network built here (no run directory) has random weights, calibrated on random
+images: latency and size do not depend on the values.
 """
 import argparse
 import os
@@ -44,6 +46,23 @@ def median_latency_ms(content, threads, runs, warmup, seed=0):
     return 1e3 * statistics.median(times)
 
 
+def post_training_int8(model, batches):
+    """The TFLite converter's own full-int8 model of the float network (the reference)."""
+    import tensorflow as tf
+
+    from export.graph import ExportGraph
+
+    graph = ExportGraph(model, allow_float=True)
+    spec = tf.TensorSpec((None,) + graph.input_shape[1:], tf.float32)
+    fn = tf.function(lambda x: graph.build(x, "float"), input_signature=[spec], autograph=False)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([b[i:i + 1]] for b in batches
+                                                for i in range(len(b)))
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
 def build_models(args):
     """(int8 bytes, float bytes, description) for the requested network."""
     import keras
@@ -71,7 +90,7 @@ def build_models(args):
         name = (f"{args.backbone} width {args.width or 'default'} {args.input_shape} "
                 f"W{args.bits}A{args.bits}")
     int8 = export_lib.convert(model, batches, int8_io=True, max_batches=None)
-    return int8, export_lib.convert_float(model), name
+    return int8, export_lib.convert_float(model), post_training_int8(model, batches), name
 
 
 def main(argv=None):
@@ -87,21 +106,21 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=defaults.LATENCY_WARMUP)
     p.add_argument("--save_dir", help="also write int8.tflite and float.tflite here")
     args = p.parse_args(argv)
-    int8, flt, name = build_models(args)
+    int8, flt, ptq, name = build_models(args)
     if args.save_dir:
         from fqat_tf import rundir
 
         for fname, content in (("int8.tflite", int8), ("float.tflite", flt)):
             rundir.atomic_write(os.path.join(args.save_dir, fname), content, mode="wb")
     print(f"# {name}: median of {args.runs} single-image runs, XNNPACK")
-    print("| threads | float ms | int8 ms | int8/float |")
-    print("|---|---|---|---|")
+    print("| threads | float ms | int8 ms | int8/float | converter PTQ int8 ms |")
+    print("|---|---|---|---|---|")
     ratios = []
     for threads in (int(t) for t in args.threads.split(",")):
-        f_ms = median_latency_ms(flt, threads, args.runs, args.warmup)
-        i_ms = median_latency_ms(int8, threads, args.runs, args.warmup)
+        f_ms, i_ms, p_ms = (median_latency_ms(c, threads, args.runs, args.warmup)
+                            for c in (flt, int8, ptq))
         ratios.append(i_ms / f_ms)
-        print(f"| {threads} | {f_ms:.2f} | {i_ms:.2f} | {i_ms / f_ms:.3f} |")
+        print(f"| {threads} | {f_ms:.2f} | {i_ms:.2f} | {i_ms / f_ms:.3f} | {p_ms:.2f} |")
     size = len(int8) / len(flt)
     print(f"size: float {len(flt)} B, int8 {len(int8)} B, int8/float {size:.3f}")
     ok = max(ratios) <= LATENCY_TARGET and size <= SIZE_TARGET

@@ -35,7 +35,6 @@ from typing import Optional
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from export import fold, layers as emit
 from export.emitter import Emitter

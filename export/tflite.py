@@ -14,7 +14,6 @@ Nothing is written unless the whole export succeeds, and the .tflite is written 
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import warnings
@@ -25,7 +24,6 @@ import tensorflow as tf
 from export.graph import ExportGraph
 from fqat_tf import defaults, rundir
 
-log = logging.getLogger(__name__)
 FLAG_KEYS = ("dataset", "data_dir", "test_domains", "seed", "holdout_fraction",
              "batch_per_domain")
 
