@@ -176,8 +176,8 @@ def test_end_to_end_parity(float_model, bits, tmp_path):
 
 
 def _check_learned_grids(qmodel, content, bits):
-    """Every learned kernel is stored as its b-bit integers times step * |BN factor|, and the
-    model input carries the first conv's learned input step."""
+    """Every learned kernel is stored as its b-bit integers times step * |BN factor|; every
+    learned input step is the scale of an int8 tensor, the model input's among them."""
     it = reference_interpreter(content)
     it.allocate_tensors()
     in_scale = it.get_input_details()[0]["quantization"][0]
