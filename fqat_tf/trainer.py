@@ -41,7 +41,7 @@ def erm_settings(s):
     """Settings of the ERM stage a quantized run starts from."""
     erm = {k: s[k] for k in ERM_KEYS}
     erm.update(method="erm", steps=s["erm_steps"], quantizer=None, eval_after=0)
-    for k in RESUMABLE_KEYS + ("calibration_batches", "verbose"):
+    for k in RESUMABLE_KEYS:
         erm.setdefault(k, s.get(k))
     return erm
 
