@@ -49,6 +49,9 @@ FREEZE_GRID = {
     "pacs_officehome_3bit": {"r": (0.28, 0.30, 0.32), "K": (100, 150, 200)},
     "domainnet_4_5bit": {"r": (0.20, 0.25), "K": (3000, 4000)},
     "domainnet_8bit": {"r": (0.30, 0.35), "K": (1500, 2000)},
+    # Not in the paper (it has no RotatedMNIST QAT): the grid of the offline results table
+    # (docs/results.md), K scaled to its 100-step QAT stage.
+    "rotated_mnist_miniature": {"r": (0.25, 0.35), "K": (10, 25)},
 }
 
 # --- DomainBed protocol (ALGORITHM.md §4) ----------------------------------------------------

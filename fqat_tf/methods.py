@@ -101,6 +101,15 @@ METHODS = {m.name: m for m in (ERM(), SAGM(), LSQ(), LSQSAGM(), FQAT(), Alter(),
                                NoUnfreeze(), Reverse())}
 
 
+# Names the training program also accepts: alias -> (method, quantizer it implies).
+ALIASES = {"ewgs": ("lsq", "ewgs"), "ewgs_sagm": ("lsq_sagm", "ewgs")}
+
+
+def resolve(name: str) -> Method:
+    """The method `name` or an alias of one (`ALIASES`) names; a clear error otherwise."""
+    return get(ALIASES[name][0] if name in ALIASES else name)
+
+
 def get(name: str) -> Method:
     """The method registered as `name`; a clear error otherwise."""
     if name not in METHODS:

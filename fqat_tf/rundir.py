@@ -20,6 +20,8 @@ freeze_threshold, ...), "selection" (text naming the rule), "selected_step", "va
 (dicts domain -> accuracy in [0, 1] at the selected step), "val_avg", "test_avg",
 "wall_time_s", "steps", "final_masks" (dict scale variable -> 0/1, empty for float runs).
 """
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -62,6 +64,22 @@ def read_json(path):
         raise FileNotFoundError(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+@contextlib.contextmanager
+def exclusive(lock_path):
+    """Holds an exclusive advisory lock on `lock_path` (created if needed) for the block.
+
+    Another process entering the block with the same path waits until this one leaves; the
+    lock is released when the process dies, so a killed run never leaves a stale lock.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def is_finished(run_dir):

@@ -3,15 +3,19 @@
     python -m fqat_tf.sweep --flagfile=experiments/pacs_w4.cfg --sweep_dir=runs/pacs_w4 \\
         --seeds=0,23 --grid="freeze_threshold=0.28,0.30,0.32;freeze_interval=300,350,400" \\
         [--test_domains=all|a,b|a+b,c+d] [--dry_run] [--parallel=1] [-- --smoke]
+    python -m fqat_tf.sweep --flagfile='experiments/rotated_mnist_*.cfg' --grid=paper ...
 
 Each run is a subprocess `python -m fqat_tf.train --flagfile=... [extra flags] --test_domains=...
 --seed=... --<grid flags> --output_dir=SWEEP_DIR/<cfg>[__<grid point>]/<test>/seed<k>`, and every run shares the
 ERM cache SWEEP_DIR/erm_cache, so all methods of a sweep start from the same ERM stages. Finished runs
 (results.json present) are skipped; an interrupted run is simply started again with the same
 output_dir, from which the training program resumes by itself. `--grid=paper` takes the paper's
-r and K grid for the flagfile's dataset and weight bits. Flags after `--` go to every run.
+r and K grid for the flagfile's dataset and weight bits, for the methods that freeze (other
+methods run once per test group and seed). `--flagfile` may be repeated or be a glob: one sweep
+then runs every flagfile's plan, in the order given. Flags after `--` go to every run.
 """
 import argparse
+import glob
 import itertools
 import os
 import shlex
@@ -22,6 +26,7 @@ import time
 from absl import flags as absl_flags
 
 from fqat_tf import defaults
+from fqat_tf import methods
 from fqat_tf import rundir
 from fqat_tf.data import registry
 
@@ -46,6 +51,28 @@ def expand_flags(flagfile, extra_flags=()):
     except absl_flags.Error as e:
         raise FileNotFoundError(f"--flagfile={flagfile}: {e}") from None
     return argv[1:]
+
+
+def expand_flagfiles(patterns):
+    """The flagfiles named by `patterns` (paths or glob patterns), each once, in given order.
+
+    Raises:
+        FileNotFoundError: a pattern that matches no file.
+        ValueError: two flagfiles with the same stem (their runs would share folders).
+    """
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"--flagfile={pattern}: no such file")
+        files.extend(m for m in matches if m not in files)
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+    repeated = sorted({s for s in stems if stems.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--flagfile: several flagfiles named {repeated}; their runs would "
+                         f"share folders")
+    return files
 
 
 def flag_value(args, name, default=None):
@@ -99,9 +126,15 @@ def parse_grid(text):
 
 
 def paper_grid(dataset, weight_bits):
-    """The paper's freeze grid (r, K) for a dataset and weight bit width (ALGORITHM.md §3)."""
+    """The paper's freeze grid (r, K) for a dataset and weight bit width (ALGORITHM.md §3).
+
+    RotatedMNIST, which the paper does not quantize, gets the grid of the offline results table
+    (`defaults.FREEZE_GRID["rotated_mnist_miniature"]`) at every bit width.
+    """
     bits = int(weight_bits)
-    if dataset == "domain_net":
+    if dataset in ("rotated_mnist", "rotated_mnist_5k"):
+        key = "rotated_mnist_miniature"
+    elif dataset == "domain_net":
         key = {4: "domainnet_4_5bit", 5: "domainnet_4_5bit", 8: "domainnet_8bit"}.get(bits)
     else:
         key = {3: "pacs_officehome_3bit", 4: "pacs_officehome_4_5bit",
@@ -157,7 +190,9 @@ def plan(flagfile, sweep_dir, test_domains="all", seeds=defaults.SEEDS, grid=Non
         sweep_dir: the folder that receives one run directory per run.
         test_domains: "all", "a,b" (one run per domain) or "a+b,c+d" (held out together).
         seeds: the training seeds.
-        grid: None, a dict name -> values, "paper", or text for `parse_grid`.
+        grid: None, a dict name -> values, "paper", or text for `parse_grid`. "paper" grids
+            only a method that reads the freeze masks (FQAT and its freezing ablations); any
+            other method gets a single run per test group and seed.
         extra_flags: flags for every run, after the flagfile (so they override it).
         command: the training program's argv prefix.
 
@@ -173,8 +208,14 @@ def plan(flagfile, sweep_dir, test_domains="all", seeds=defaults.SEEDS, grid=Non
     if dataset is None:
         raise ValueError(f"--flagfile={flagfile} sets no --dataset")
     if grid == "paper":
-        grid = paper_grid(dataset, flag_value(expanded, "weight_bits", defaults.WEIGHT_BITS))
-    elif grid is None or isinstance(grid, str):
+        method = flag_value(expanded, "method", defaults.METHOD)
+        try:
+            masked = methods.resolve(method).masked
+        except ValueError as e:
+            raise ValueError(f"--flagfile={flagfile}: {e}") from None
+        grid = paper_grid(dataset, flag_value(expanded, "weight_bits", defaults.WEIGHT_BITS)) \
+            if masked else {}
+    if grid is None or isinstance(grid, str):
         grid = parse_grid(grid)
     else:
         grid = parse_grid(";".join(f"{k}={','.join(map(str, v))}" for k, v in grid.items()))
@@ -263,7 +304,8 @@ def main(argv=None):
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="python -m fqat_tf.sweep",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--flagfile", required=True, help="the experiment's flagfile")
+    parser.add_argument("--flagfile", required=True, action="append",
+                        help="an experiment's flagfile or a glob of them (quote it); repeatable")
     parser.add_argument("--sweep_dir", required=True, help="folder of the run directories")
     parser.add_argument("--test_domains", default="all", help="all | a,b | a+b,c+d")
     parser.add_argument("--seeds", default=",".join(map(str, defaults.SEEDS)))
@@ -279,8 +321,9 @@ def main(argv=None):
         if args.parallel < 1:
             raise ValueError(f"--parallel={args.parallel}: expected at least 1")
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        runs = plan(args.flagfile, args.sweep_dir, args.test_domains, seeds, args.grid or None,
-                    extra, command)
+        runs = [run for flagfile in expand_flagfiles(args.flagfile)
+                for run in plan(flagfile, args.sweep_dir, args.test_domains, seeds,
+                                args.grid or None, extra, command)]
     except (ValueError, FileNotFoundError) as e:
         print(f"fqat_tf.sweep: error: {e}", file=sys.stderr)
         return 2

@@ -75,7 +75,6 @@ flags.DEFINE_bool("deterministic", False, "Enable TF op determinism (exact resum
 flags.DEFINE_integer("verbose", 1, "0 silent, 1 progress bars.")
 
 FLOAT_METHODS = ("erm", "sagm")
-METHOD_ALIASES = {"ewgs": ("lsq", "ewgs"), "ewgs_sagm": ("lsq_sagm", "ewgs")}
 DEFAULT_BACKBONES = {"rotated_mnist": "mnist_cnn", "rotated_mnist_5k": "mnist_cnn"}
 # --smoke: a plumbing run of any configuration in seconds on a CPU. Steps run eagerly (tracing
 # a two-pass ResNet step costs far more than running four of them), a ResNet-50 becomes a
@@ -90,18 +89,18 @@ def _usage(flag, message):
 
 
 def _resolve_method(s):
+    from fqat_tf import methods
+
     method = s["method"]
-    if method in METHOD_ALIASES:
-        base, quantizer = METHOD_ALIASES[method]
+    if method in methods.ALIASES:
+        base, quantizer = methods.ALIASES[method]
         if s["quantizer"] not in (None, quantizer):
             _usage("quantizer", f"--method={method} implies --quantizer={quantizer}, "
                                 f"got --quantizer={s['quantizer']}")
         s["method"], s["quantizer"] = base, quantizer
-    from fqat_tf import methods
-
     if s["method"] not in methods.METHODS:
         _usage("method", f"unknown method {method!r}; choose from "
-                         f"{sorted(methods.METHODS) + sorted(METHOD_ALIASES)}")
+                         f"{sorted(methods.METHODS) + sorted(methods.ALIASES)}")
     if s["ewgs_delta_mode"] == "hessian" and s["quantizer"] != "ewgs":
         _usage("ewgs_delta_mode", "hessian mode refreshes EWGS deltas; it needs --quantizer=ewgs")
     if s["method"] in FLOAT_METHODS and s["quantizer"] is not None:

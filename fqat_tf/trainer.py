@@ -61,9 +61,11 @@ def run(s):
         erm = erm_settings(s)
         erm_dir = os.path.join(s["erm_cache_dir"], erm_hash(s))
         erm["output_dir"] = erm_dir
-        if rundir.is_finished(erm_dir):
-            logging.info("ERM stage: reusing %s", erm_dir)
-        train_stage(erm, erm_dir)
+        # Runs of a parallel sweep that share this stage wait here while one of them trains it.
+        with rundir.exclusive(erm_dir + ".lock"):
+            if rundir.is_finished(erm_dir):
+                logging.info("ERM stage: reusing %s", erm_dir)
+            train_stage(erm, erm_dir)
         start_from = os.path.join(erm_dir, rundir.MODEL)
     return train_stage(s, s["output_dir"], start_from=start_from)
 

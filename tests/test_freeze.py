@@ -65,6 +65,14 @@ def test_methods_without_a_rule():
         methods.get("fqatt")
 
 
+def test_resolve_follows_the_training_program_aliases():
+    assert methods.resolve("ewgs") is methods.METHODS["lsq"]
+    assert methods.resolve("ewgs_sagm") is methods.METHODS["lsq_sagm"]
+    assert methods.resolve("fqat").masked and not methods.resolve("ewgs_sagm").masked
+    with pytest.raises(ValueError, match="unknown method 'ewg'"):
+        methods.resolve("ewg")
+
+
 def _model(method, window, **kwargs):
     q = toy_quant_model()
     model = FQATModel(q, method, scale_vars=split(q)[1], freeze_interval=window, **kwargs)

@@ -27,12 +27,12 @@ with open(os.path.join(args["output_dir"], "results.json"), "w") as f:
 """
 
 
-def flagfile(tmp_path, dataset="pacs", weight_bits=4, name="cell.cfg"):
+def flagfile(tmp_path, dataset="pacs", weight_bits=4, name="cell.cfg", method="fqat"):
     """An experiment flagfile that includes a base file, as experiments/*.cfg do."""
     base = tmp_path / f"base_{name}"
     base.write_text(f"# shared settings\n--dataset={dataset}\n--seed=0\n--test_domains=0\n")
     cell = tmp_path / name
-    cell.write_text(f"# Paper cell\n--flagfile={base}\n--method=fqat\n"
+    cell.write_text(f"# Paper cell\n--flagfile={base}\n--method={method}\n"
                     f"--weight_bits={weight_bits}\n--freeze_interval=350\n")
     return str(cell)
 
@@ -85,6 +85,59 @@ def test_paper_grid_follows_dataset_and_bits(tmp_path):
     assert sweep.paper_grid("office_home", "5")["freeze_interval"] == ["300", "350", "400"]
     with pytest.raises(ValueError, match="no freeze grid for pacs at 6 weight bits"):
         sweep.paper_grid("pacs", 6)
+
+
+@pytest.mark.parametrize("method, points", [
+    ("fqat", 4), ("no_unfreeze", 4), ("reverse", 4), ("freeze_both", 4),
+    ("lsq", 1), ("lsq_sagm", 1), ("alter", 1), ("ewgs", 1), ("ewgs_sagm", 1), ("erm", 1)])
+def test_paper_grid_only_grids_methods_that_freeze(tmp_path, method, points):
+    cfg = flagfile(tmp_path, "rotated_mnist_5k", 3, method=method)
+    runs = sweep.plan(cfg, "s", "75", [0], grid="paper", command=("t",))
+    assert len(runs) == points
+    grid_flags = [a for _, argv in runs for a in argv if a.startswith("--freeze_")]
+    if points == 1:
+        assert not grid_flags and runs[0][0] == os.path.join("s", "cell", "75", "seed0")
+    else:
+        assert sorted(grid_flags) == sorted(
+            f"--freeze_{n}={v}" for n, vs in (("threshold", ("0.25", "0.35")),
+                                              ("interval", ("10", "25")))
+            for v in vs for _ in range(2))
+
+
+def test_paper_grid_rejects_an_unknown_method(tmp_path):
+    with pytest.raises(ValueError, match="cell.cfg: unknown method 'sgd'"):
+        sweep.plan(flagfile(tmp_path, method="sgd"), "s", grid="paper", command=("t",))
+
+
+def test_expand_flagfiles_globs_keeps_order_and_names_misses(tmp_path):
+    a = flagfile(tmp_path, name="a_w4.cfg")
+    b = flagfile(tmp_path, name="a_w3.cfg")
+    c = flagfile(tmp_path, name="c.cfg")
+    assert sweep.expand_flagfiles([c, str(tmp_path / "a_*.cfg")]) == [c, b, a]
+    assert sweep.expand_flagfiles([a, str(tmp_path / "a_w?.cfg")]) == [a, b]
+    with pytest.raises(FileNotFoundError, match=r"--flagfile=.*zz_\*.cfg: no such file"):
+        sweep.expand_flagfiles([str(tmp_path / "zz_*.cfg")])
+    with pytest.raises(FileNotFoundError, match="missing.cfg: no such file"):
+        sweep.expand_flagfiles([str(tmp_path / "missing.cfg")])
+    os.makedirs(tmp_path / "other")
+    twin = flagfile(tmp_path / "other", name="c.cfg")
+    with pytest.raises(ValueError, match=r"several flagfiles named \['c'\]"):
+        sweep.expand_flagfiles([c, twin])
+
+
+def test_cli_runs_every_flagfile_of_a_glob(tmp_path, capsys):
+    flagfile(tmp_path, name="m_w4.cfg", method="fqat")
+    flagfile(tmp_path, name="m_w4_lsq.cfg", method="lsq")
+    flagfile(tmp_path, name="m_w3_lsq.cfg", method="lsq")
+    argv = [f"--flagfile={tmp_path / 'm_*.cfg'}", f"--sweep_dir={tmp_path / 's'}",
+            "--test_domains=photo", "--seeds=0,1", "--grid=paper", "--dry_run"]
+    assert sweep.main(argv) == 0
+    listing = capsys.readouterr().out
+    # fqat at 4 bits: 3 x 3 paper points x 2 seeds; each lsq file: 2 seeds.
+    assert "22 runs planned" in listing
+    order = [line.split("--output_dir=")[1].split(os.sep)[-3] for line in listing.splitlines()
+             if "--output_dir=" in line]
+    assert order[0] == "m_w3_lsq" and order[2].startswith("m_w4__") and order[-1] == "m_w4_lsq"
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
