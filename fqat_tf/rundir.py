@@ -37,14 +37,25 @@ DISORDER_PNG = "disorder.png"
 FREEZE_PNG = "freeze_timeline.png"
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, data, mode="w"):
-    """Writes `data` to `path` through a temporary file in the same folder, then renames."""
+    """Writes `data` to `path` through a temporary file in the same folder, then renames.
+
+    The file gets the permissions a plain `open(path, "w")` would give it (0666 less the
+    umask), not the owner-only mode of the temporary file.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

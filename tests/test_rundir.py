@@ -1,5 +1,7 @@
-"""fqat_tf.rundir: the exclusive lock that parallel runs sharing one ERM stage wait on."""
+"""fqat_tf.rundir: atomic writes, and the lock that parallel runs sharing an ERM stage wait on."""
 import fcntl
+import os
+import stat
 import subprocess
 import sys
 
@@ -48,3 +50,20 @@ def test_exclusive_blocks_other_processes_until_released_or_killed(tmp_path, fin
         # flock locks belong to the open file, so even this process's second open is refused.
         assert not _try_lock(lock)
     assert _try_lock(lock)
+
+
+def test_atomic_write_leaves_no_temporary_and_plain_permissions(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    rundir.write_json(str(path), {"a": 1})
+    assert rundir.read_json(str(path)) == {"a": 1}
+    assert os.listdir(path.parent) == ["results.json"]
+    old = os.umask(0o022)
+    try:
+        rundir.atomic_write(str(path), b"x", mode="wb")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    with pytest.raises(TypeError):
+        rundir.atomic_write(str(path), 123)  # a write that fails midway
+
+    assert os.listdir(path.parent) == ["results.json"] and path.read_bytes() == b"x"
