@@ -1,6 +1,7 @@
 """Aggregates finished runs into the paper's table format (Tables 1-2 and 11-26).
 
-    python -m fqat_tf.report runs/sweep --out table.md --csv table.csv [--select_hparams]
+    python -m fqat_tf.report runs/sweep --out table.md --csv table.csv [--select_hparams] \
+        [--paired_with=lsq --paired_with=erm]
 
 One row per method setting (method, quantizer, bit widths, hyperparameters other than the seed
 and the test domains), one (Val, Test) column pair per test domain plus the average. As in
@@ -155,7 +156,8 @@ def _row(setting, runs, columns, error, avg_std):
     method, quantizer, wbits, abits = setting
     return {"dataset": runs[0].dataset, "method": method, "quantizer": quantizer,
             "weight_bits": wbits, "activation_bits": abits, "columns": list(columns),
-            "cells": cells, "avg": avg, "seeds": seeds, "runs": len(runs), "error": error,
+            "cells": cells, "avg": avg, "per_seed": per_col, "seeds": seeds, "runs": len(runs),
+            "error": error,
             "avg_std": avg_std, "selection": sorted({r.selection for r in runs if r.selection})}
 
 
@@ -208,7 +210,8 @@ def aggregate(run_dirs, select_hparams=False, error="std", avg_std="seeds"):
         A list of row dicts: "dataset", "method", "quantizer", "weight_bits",
         "activation_bits", "label", "hparams" (the setting's, or with `select_hparams` a dict
         test group -> selected hparams), "columns", "cells" (column -> {"val", "test"} ->
-        {"mean", "err", "n"} in percent, or None), "avg", "seeds", "runs", "error", "avg_std",
+        {"mean", "err", "n"} in percent, or None), "avg", "per_seed" (column -> seed ->
+        (val, test) in [0, 1]), "seeds", "runs", "error", "avg_std",
         "selection" (the runs' model-selection rules), "select_hparams", "varying" (the
         hparam names that differ within the row's method setting).
 
@@ -306,6 +309,82 @@ def to_markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+def paired_differences(rows, reference):
+    """Per-seed Test differences of each row against a reference method's row, in points.
+
+    Runs with the same seed and test domains share the ERM model, the hold-out split and the
+    data order, so a difference taken seed by seed removes that shared variation; its spread
+    is the one that decides whether one method beats another. A quantized row is paired with
+    the reference row of the same quantizer and bit widths; when the reference is a
+    full-precision method (ERM) every row is paired with it (the cost of quantization).
+
+    Returns:
+        A list of dicts: "label", "bits", "reference" (its label), "columns" -> {"mean",
+        "err" (population std of the per-seed differences), "n", "wins" (seeds where the row is
+        higher)} or None, and "avg" likewise for each seed's average over the columns.
+
+    Raises:
+        ReportError: no row of the reference method.
+    """
+    _check_rows(rows)
+    refs = [r for r in rows if r["method"] == reference]
+    if not refs:
+        raise ReportError(f"--paired_with={reference}: no row of that method; methods in the "
+                          f"table: {sorted({r['method'] for r in rows})}")
+    columns = rows[0]["columns"]
+
+    def key(row):
+        return row["quantizer"], row["weight_bits"], row["activation_bits"]
+
+    out = []
+    for row in rows:
+        if row["method"] == reference:
+            continue
+        ref = next((r for r in refs if key(r) == key(row)), None)
+        if ref is None and refs[0]["weight_bits"] is None:
+            ref = refs[0]
+        if ref is None:
+            continue
+
+        def diff(values):
+            if not values:
+                return None
+            v = 100.0 * np.asarray(values, dtype=np.float64)
+            return {"mean": float(np.mean(v)), "err": float(np.std(v)), "n": len(v),
+                    "wins": int(np.sum(v > 0))}
+
+        cells, per_seed = {}, collections.defaultdict(list)
+        for c in columns:
+            seeds = sorted(set(row["per_seed"][c]) & set(ref["per_seed"][c]))
+            values = [row["per_seed"][c][s][1] - ref["per_seed"][c][s][1] for s in seeds]
+            cells[c] = diff(values)
+            for s, v in zip(seeds, values):
+                per_seed[s].append(v)
+        avg = diff([float(np.mean(v)) for v in per_seed.values() if len(v) == len(columns)])
+        out.append({"label": row["label"], "bits": _bits(row), "reference": ref["label"],
+                    "columns": cells, "avg": avg})
+    return out
+
+
+def paired_markdown(pairs, columns, reference):
+    """The paired differences as a Markdown table with its reading conventions."""
+    header = ["Method", "W/A", "vs"] + [f"{c} Test" for c in columns] + ["Avg Test"]
+    lines = [f"### Paired Test differences against {reference} (points)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(d):
+        return "-" if d is None else f"{d['mean']:+.2f} ± {d['err']:.2f} ({d['wins']}/{d['n']})"
+
+    for p in pairs:
+        lines.append("| " + " | ".join([p["label"], p["bits"], p["reference"]] +
+                                       [cell(p["columns"][c]) for c in columns] +
+                                       [cell(p["avg"])]) + " |")
+    lines += ["", "- Cells: mean ± population std over seeds of (row - reference) for the same "
+                  "seed and test domains, which share the ERM model and data order; (k/n): "
+                  "seeds where the row is higher."]
+    return "\n".join(lines) + "\n"
+
+
 def to_csv(rows):
     """The rows as CSV: one numeric mean / error / n triple per column, part and average."""
     _check_rows(rows)
@@ -343,10 +422,16 @@ def main(argv=None):
                              "the best mean training-domain validation accuracy")
     parser.add_argument("--error", choices=sorted(ERRORS), default="std")
     parser.add_argument("--avg_std", choices=sorted(AVG_STDS), default="seeds")
+    parser.add_argument("--paired_with", action="append", default=[], metavar="METHOD",
+                        help="add a table of per-seed Test differences against this method "
+                             "(e.g. lsq, erm); repeatable")
     args = parser.parse_args(argv)
     try:
         rows = aggregate(find_runs(args.roots), args.select_hparams, args.error, args.avg_std)
         markdown = to_markdown(rows)
+        for reference in args.paired_with:
+            markdown += "\n" + paired_markdown(paired_differences(rows, reference),
+                                               rows[0]["columns"], reference)
         if args.out:
             rundir.atomic_write(args.out, markdown)
         if args.csv:

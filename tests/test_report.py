@@ -177,3 +177,45 @@ def test_bad_input_exits_1_with_a_clear_message(tmp_path, capsys):
     assert "results.json: missing key(s)" in capsys.readouterr().err
     with pytest.raises(report.ReportError, match="error='var'"):
         report.aggregate([first], error="var")
+
+
+def test_paired_differences_seed_by_seed(tmp_path):
+    # lsq: TABLE; fqat: TABLE + a per-seed, per-domain offset; erm at full precision.
+    offsets = {"art_painting": (0.02, 0.04), "cartoon": (-0.01, 0.03), "photo": (0.0, 0.0),
+               "sketch": (0.05, -0.01)}
+    for domain, per_seed in TABLE.items():
+        for i, (seed, (val, test)) in enumerate(zip((0, 23), per_seed)):
+            make_run(tmp_path, "lsq", domain, seed, val, test, "lsq")
+            make_run(tmp_path, "fqat", domain, seed, val, test + offsets[domain][i], "fqat")
+            make_run(tmp_path, "erm", domain, seed, val, test + 0.10, "erm")
+            make_run(tmp_path, "fqat3", domain, seed, val, test, "fqat", bits=3)
+    rows = report.aggregate(report.find_runs([str(tmp_path)]))
+    pairs = report.paired_differences(rows, "lsq")
+    # fqat at 3 bits has no lsq row at 3 bits: not paired.
+    assert [(p["label"], p["bits"]) for p in pairs] == [("fqat (lsq)", "4/4")]
+    art = pairs[0]["columns"]["art_painting"]
+    # Differences +2 and +4 points: mean 3, population std 1, both seeds higher.
+    assert art == pytest.approx({"mean": 3.0, "err": 1.0, "n": 2, "wins": 2})
+    assert pairs[0]["columns"]["photo"]["wins"] == 0
+    # Per-seed averages of the differences: (2 - 1 + 0 + 5) / 4 = 1.5 and (4 + 3 + 0 - 1) / 4
+    # = 1.5.
+    assert pairs[0]["avg"] == pytest.approx({"mean": 1.5, "err": 0.0, "n": 2, "wins": 2})
+    against_erm = report.paired_differences(rows, "erm")
+    assert sorted(p["bits"] for p in against_erm) == ["3/3", "4/4", "4/4"]
+    lsq_vs_erm = next(p for p in against_erm if p["label"] == "lsq (lsq)")
+    assert lsq_vs_erm["avg"] == pytest.approx({"mean": -10.0, "err": 0.0, "n": 2, "wins": 0})
+    text = report.paired_markdown(pairs, rows[0]["columns"], "lsq")
+    assert "| fqat (lsq) | 4/4 | lsq (lsq) | +3.00 ± 1.00 (2/2) |" in text
+    with pytest.raises(report.ReportError, match="--paired_with=sgd: no row of that method"):
+        report.paired_differences(rows, "sgd")
+
+
+def test_cli_paired_tables_follow_the_main_table(tmp_path, capsys):
+    _pacs_sweep(tmp_path, "lsq", "lsq")
+    _pacs_sweep(tmp_path, "fqat", "fqat", shift=0.01)
+    assert report.main([str(tmp_path), "--paired_with=lsq"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("### Paired Test differences against lsq") > out.index("| Method | W/A |")
+    assert "| fqat (lsq) | 4/4 | lsq (lsq) | +1.00 ± 0.00 (2/2) |" in out
+    assert report.main([str(tmp_path), "--paired_with=erm"]) == 1
+    assert "--paired_with=erm: no row of that method" in capsys.readouterr().err
