@@ -105,6 +105,24 @@ def test_quickstart_outputs_exist_and_parse(tmp_path):
     assert trainer.run(settings) == results
 
 
+def test_parallel_runs_sharing_an_erm_stage_train_it_once(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    erm = str(tmp_path / "erm")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "fqat_tf.train", "--flagfile=experiments/quickstart.cfg",
+         "--smoke", f"--method={method}", f"--output_dir={tmp_path / method}",
+         f"--erm_cache_dir={erm}", "--verbose=0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for method in ("lsq", "fqat")]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    # One of them trained the stage while the other waited on its lock, then reused it.
+    assert sum("ERM stage: reusing" in log for log in logs) == 1, logs
+    stages = [d for d in os.listdir(erm) if not d.endswith(".lock")]
+    assert len(stages) == 1 and rundir.is_finished(os.path.join(erm, stages[0]))
+    assert all(rundir.is_finished(str(tmp_path / m)) for m in ("lsq", "fqat"))
+
+
 def _train_cmd(out, erm, steps):
     # Compiled steps (no --smoke, which runs eagerly and caps the step count), kept small.
     return [sys.executable, "-m", "fqat_tf.train", "--flagfile=experiments/quickstart.cfg",
