@@ -50,7 +50,7 @@ FREEZE_GRID = {
     "domainnet_4_5bit": {"r": (0.20, 0.25), "K": (3000, 4000)},
     "domainnet_8bit": {"r": (0.30, 0.35), "K": (1500, 2000)},
     # Not in the paper (it has no RotatedMNIST QAT): the grid of the offline results table
-    # (docs/results.md), K scaled to its 100-step QAT stage.
+    # (docs/results.md), K such that its 100-step QAT stage has 4 to 10 disorder windows.
     "rotated_mnist_miniature": {"r": (0.25, 0.35), "K": (10, 25)},
 }
 

@@ -157,8 +157,7 @@ def _row(setting, runs, columns, error, avg_std):
     return {"dataset": runs[0].dataset, "method": method, "quantizer": quantizer,
             "weight_bits": wbits, "activation_bits": abits, "columns": list(columns),
             "cells": cells, "avg": avg, "per_seed": per_col, "seeds": seeds, "runs": len(runs),
-            "error": error,
-            "avg_std": avg_std, "selection": sorted({r.selection for r in runs if r.selection})}
+            "error": error, "avg_std": avg_std, "selection": sorted({r.selection for r in runs if r.selection})}
 
 
 def _varying(hparam_dicts):
@@ -333,6 +332,10 @@ def paired_differences(rows, reference):
                           f"table: {sorted({r['method'] for r in rows})}")
     columns = rows[0]["columns"]
 
+    def diff(values):
+        stat = _stat(values, "std")
+        return stat and dict(stat, wins=int(np.sum(np.asarray(values) > 0)))
+
     def key(row):
         return row["quantizer"], row["weight_bits"], row["activation_bits"]
 
@@ -345,14 +348,6 @@ def paired_differences(rows, reference):
             ref = refs[0]
         if ref is None:
             continue
-
-        def diff(values):
-            if not values:
-                return None
-            v = 100.0 * np.asarray(values, dtype=np.float64)
-            return {"mean": float(np.mean(v)), "err": float(np.std(v)), "n": len(v),
-                    "wins": int(np.sum(v > 0))}
-
         cells, per_seed = {}, collections.defaultdict(list)
         for c in columns:
             seeds = sorted(set(row["per_seed"][c]) & set(ref["per_seed"][c]))
