@@ -9,6 +9,7 @@
 from fqat_tf.calibration import calibrate_scales
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback, gradient_disorder
+from fqat_tf.int8_storage import Int8GroupNormalization, RangeQuantize, calibrate_ranges
 from fqat_tf.methods import METHODS
 from fqat_tf.quantize import QuantizeWrapper, quantize_model, scale_variables
 from fqat_tf.quantizers import EWGSQuantizer, LSQQuantizer
@@ -16,6 +17,7 @@ from fqat_tf.sagm import sagm_gradients
 
 __version__ = "0.1.0"
 
-__all__ = ["DisorderFreezeCallback", "EWGSQuantizer", "FQATModel", "LSQQuantizer", "METHODS",
-           "QuantizeWrapper", "calibrate_scales", "gradient_disorder", "quantize_model",
-           "sagm_gradients", "scale_variables"]
+__all__ = ["DisorderFreezeCallback", "EWGSQuantizer", "FQATModel", "Int8GroupNormalization",
+           "LSQQuantizer", "METHODS", "QuantizeWrapper", "RangeQuantize", "calibrate_ranges",
+           "calibrate_scales", "gradient_disorder", "quantize_model", "sagm_gradients",
+           "scale_variables"]

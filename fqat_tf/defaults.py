@@ -27,6 +27,11 @@ ACT_STEP_INIT_RANGE = 4.0
 CALIBRATION = "mse"          # "mse" (Nagel et al. 2021) | "lsq" (2 * mean|v| / sqrt(u))
 CALIBRATION_CANDIDATES = 100
 CALIBRATION_BATCHES = 8
+# Integer storage in training (fqat_tf.int8_storage; off in the paper's recipe): the tensors an
+# int8 model stores on ranges of their own are fake-quantized at 8 bits on the moving average
+# of their batch extremes (set first from the calibration batches).
+INT8_STORAGE = False
+INT8_RANGE_EMA_DECAY = 0.99  # QAT stages are short (hundreds to thousands of steps)
 
 # --- Two-pass step (ALGORITHM.md §2) ---------------------------------------------------------
 METHOD = "fqat"

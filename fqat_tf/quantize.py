@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from fqat_tf import defaults
+from fqat_tf import int8_storage
 from fqat_tf import quant_ops
 from fqat_tf import quantize_configs as qc
 
@@ -41,9 +42,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
     Args:
       layer: the Keras layer to wrap (one of `QUANTIZABLE_TYPES`).
       quantize_config: a `QuantizeConfig` naming the kernel and input quantizers.
+      int8_storage: the weights as an integer model stores them (`fqat_tf.int8_storage`): a
+        kernel the config leaves float on its symmetric int8 grid (per output channel; per
+        tensor for Dense), and, where the input is quantized, the bias on the int32 grid of
+        input step times kernel scale.
     """
 
-    def __init__(self, layer, quantize_config, **kwargs):
+    def __init__(self, layer, quantize_config, int8_storage=False, **kwargs):
         if type(layer) not in QUANTIZABLE_TYPES:
             raise ValueError(f"QuantizeWrapper cannot wrap {type(layer).__name__} "
                              f"(layer {layer.name!r}); supported: "
@@ -51,6 +56,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         kwargs.setdefault("name", layer.name)
         super().__init__(layer, **kwargs)
         self.quantize_config = quantize_config
+        self.int8_storage = bool(int8_storage)
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -82,7 +88,46 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """The kernel as the forward pass sees it (fake-quantized, or float)."""
         q = self.quantize_config.weight_quantizer
         kernel = self.layer.kernel
-        return kernel if q is None else q(kernel, self._weight_vars)
+        if q is not None:
+            return q(kernel, self._weight_vars)
+        if self.int8_storage:
+            return int8_storage.int8_kernel(
+                kernel, depthwise=isinstance(self.layer, keras.layers.DepthwiseConv2D),
+                per_channel=not isinstance(self.layer, keras.layers.Dense))
+        return kernel
+
+    def kernel_scales(self):
+        """Per output channel (`[channels]`) or scalar scale of the kernel's integers: the
+        learned step, the int8 scale of an `int8_storage` float kernel, or None (float)."""
+        inner = self.layer
+        depthwise = isinstance(inner, keras.layers.DepthwiseConv2D)
+        if self.quantize_config.weight_quantizer is not None:
+            step = self._weight_vars["step"]
+        elif self.int8_storage:
+            step = int8_storage.int8_kernel_scales(
+                inner.kernel, depthwise, per_channel=not isinstance(inner, keras.layers.Dense))
+        else:
+            return None
+        step = keras.ops.convert_to_tensor(step)
+        if len(step.shape) == 0:
+            return step
+        shape = inner.kernel.shape
+        if depthwise:
+            return keras.ops.reshape(keras.ops.broadcast_to(step, shape[2:]), [-1])
+        return keras.ops.broadcast_to(step, [shape[-1]])
+
+    def quantized_bias(self):
+        """The bias as the forward pass sees it: on the int32 grid of input step times kernel
+        scale with `int8_storage` and a quantized input and kernel (TFLite's bias), else float;
+        None without a bias."""
+        inner = self.layer
+        if not inner.use_bias:
+            return None
+        scales = self.kernel_scales() if self.int8_storage else None
+        if scales is None or self.quantize_config.input_quantizer is None:
+            return inner.bias
+        step = keras.ops.convert_to_tensor(self._input_vars["step"])
+        return int8_storage.on_grid(inner.bias, step * scales)
 
     def call(self, inputs, training=None):
         q = self.quantize_config.input_quantizer
@@ -100,7 +145,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if inner.use_bias:
             if getattr(inner, "data_format", "channels_last") == "channels_first":
                 raise ValueError(f"layer {inner.name!r}: channels_first is not supported")
-            y = keras.ops.add(y, inner.bias)
+            y = keras.ops.add(y, self.quantized_bias())
         if inner.activation is not None:
             y = inner.activation(y)
         return y
@@ -111,6 +156,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def get_config(self):
         config = super().get_config()
         config["quantize_config"] = keras.saving.serialize_keras_object(self.quantize_config)
+        config["int8_storage"] = self.int8_storage
         return config
 
     @classmethod
