@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from export import fold
+from fqat_tf import int8_storage
 
 
 def _unit_depthwise(x):
@@ -25,11 +26,14 @@ def _unit_depthwise(x):
 class Emitter:
     """Adds (or, in "observe" mode, records instead of) the fake-quant ops of one build."""
 
-    def __init__(self, mode, ranges):
+    def __init__(self, mode, ranges, stored=None):
+        """`ranges`: `{name: (min, max)}` of every range tensor (int8 mode); `stored`: those the
+        Keras model quantizes itself (`fqat_tf.int8_storage`), applied in observe mode too."""
         if mode == "int8" and ranges is None:
             raise ValueError("int8 mode needs the ranges recorded by observe mode")
         self.mode = mode
         self.ranges = ranges
+        self.stored = stored or {}
         self.observed = {}
 
     def spec(self, x, spec, requantize=False, on_grid=False):
@@ -66,6 +70,9 @@ class Emitter:
         `clip=(lo, hi)` bounds the recorded range where every reader clips the tensor there.
         """
         name = layer_name if part is None else f"{layer_name}/{part}"
+        if self.mode == "observe" and name in self.stored:
+            lo, hi = self.stored[name]
+            return tf.quantization.fake_quant_with_min_max_args(x, lo, hi, num_bits=8)
         if self.mode == "observe":
             lo, hi = tf.reduce_min(x), tf.reduce_max(x)
             if clip is not None:
@@ -111,10 +118,14 @@ class Emitter:
             k, -limit * scales, limit * scales, num_bits=8, narrow_range=True)
         return tf.reshape(k, shape) if w.depthwise else k
 
-    def constant(self, values):
-        """A float constant operand (GroupNorm's gamma and beta), 8-bit on its own range."""
-        c = tf.constant(np.asarray(values, np.float32))
-        if self.mode != "int8":
+    def constant(self, values, always=False):
+        """A float constant operand (GroupNorm's gamma and beta), 8-bit on its own range.
+
+        `always`: the Keras model quantizes it too, so observe mode does as well.
+        """
+        values = np.asarray(values, np.float32)
+        c = tf.constant(values)
+        if self.mode == "float" or (self.mode == "observe" and not always):
             return c
-        lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
-        return tf.quantization.fake_quant_with_min_max_args(c, lo, max(hi, lo + 1e-6), num_bits=8)
+        lo, hi = int8_storage.effective_range(float(values.min()), float(values.max()))
+        return tf.quantization.fake_quant_with_min_max_args(c, lo, hi, num_bits=8)

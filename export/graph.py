@@ -38,6 +38,7 @@ import numpy as np
 
 from export import fold, layers as emit
 from export.emitter import Emitter
+from fqat_tf import int8_storage
 from fqat_tf.quantize import QuantizeWrapper
 
 MODES = ("observe", "int8", "float")
@@ -80,7 +81,7 @@ class _Node:
 
 def _spec_of(quantizer, variables):
     lo, hi = quantizer.qrange
-    return Spec(float(keras.ops.convert_to_numpy(variables["step"].value)), int(lo), int(hi))
+    return Spec(float(keras.ops.convert_to_numpy(variables["step"])), int(lo), int(hi))
 
 
 def _input_spec(layer):
@@ -143,6 +144,7 @@ class ExportGraph:
         self._constants = {n.layer.name: emit.constants(n.layer) for n in self._nodes}
         self.weights = {n.layer.name: self._prepare_weights(n) for n in self._nodes
                         if type(emit.inner_layer(n.layer)) in emit.WEIGHTED_TYPES}
+        self.stored_ranges = self._read_stored_ranges()
         self._uses = self._collect_uses()
         self.rep, self._applied = self._decide_representations()
         for node in self._nodes:
@@ -150,6 +152,17 @@ class ExportGraph:
             if spec is not None:
                 self._constants[node.layer.name]["output_clip"] = (spec.lo * spec.step,
                                                                    spec.hi * spec.step)
+
+    @property
+    def nodes(self):
+        """`(layer, input keys, output key)` of every layer call, in topological order; the
+        model input is `INPUT_KEY`, every other tensor is named by the layer that makes it."""
+        return [(n.layer, list(n.inputs), n.output) for n in self._nodes]
+
+    @property
+    def output_key(self):
+        """The key of the model's output tensor."""
+        return self._output_key
 
     # --- analysis --------------------------------------------------------------------------
     def _topology(self):
@@ -210,18 +223,28 @@ class ExportGraph:
         depthwise = isinstance(inner, keras.layers.DepthwiseConv2D)
         dense = isinstance(inner, keras.layers.Dense)
         kernel = keras.ops.convert_to_numpy(inner.kernel).astype(np.float64)
-        bias = keras.ops.convert_to_numpy(inner.bias) if inner.use_bias else None
+        wrapped = isinstance(layer, QuantizeWrapper)
+        bias = (keras.ops.convert_to_numpy(layer.quantized_bias() if wrapped else inner.bias)
+                if inner.use_bias else None)
         channels = fold.num_channels(kernel.shape, depthwise)
         f, offset = np.ones(channels), np.zeros(channels)
         bn = self._fold_into.get(layer.name)
         if bn is not None:
             f, offset = fold.batchnorm_affine(bn, len(node.input_shapes[0]))
-        wq = (layer.quantize_config.weight_quantizer if isinstance(layer, QuantizeWrapper)
-              else None)
-        if wq is not None:
-            step = keras.ops.convert_to_numpy(layer.weight_variables["step"].value)
+        wq = layer.quantize_config.weight_quantizer if wrapped else None
+        stored = wrapped and wq is None and layer.int8_storage
+        if wq is not None or stored:
+            if stored:
+                # Trained on its int8 grid (`fqat_tf.int8_storage`): the grid is kept, as a
+                # learned one is.
+                step = keras.ops.convert_to_numpy(int8_storage.int8_kernel_scales(
+                    inner.kernel, depthwise, per_channel=not dense))
+                num_bits = 8
+            else:
+                step = keras.ops.convert_to_numpy(layer.weight_variables["step"])
+                num_bits = wq.num_bits
             ints = fold.grid_integers(keras.ops.convert_to_numpy(layer.quantized_kernel()),
-                                      step, wq.num_bits)
+                                      step, num_bits)
             kernel, scales, moved = fold.folded_grid_kernel(ints, step, f, depthwise)
             bias = (np.zeros(channels) if bias is None else bias) * f + offset
             per_tensor = np.allclose(scales, scales[0], rtol=1e-7, atol=0.0)
@@ -269,7 +292,13 @@ class ExportGraph:
                 continue
             uses = self._uses[key]
             readers = self._consumers(key)
-            if key in self._fold_into:
+            producer = self._producer(key)
+            if producer is not None and isinstance(producer.layer, int8_storage.RangeQuantize):
+                rep[key] = "range"      # on the range it trained (`stored_ranges`)
+            elif (readers and key != self._output_key
+                  and all(isinstance(r.layer, int8_storage.RangeQuantize) for r in readers)):
+                rep[key] = "none"       # stored by its reader
+            elif key in self._fold_into:
                 rep[key] = "none"
             elif len(set(uses)) == 1 and uses[0] is not None:
                 rep[key] = "spec"
@@ -318,13 +347,26 @@ class ExportGraph:
             if spec is None or self._applied[key] == spec:
                 continue
             source = self._inherit_source(key) if self.rep[key] == "inherit" else key
-            if source in done or source not in ranges:
+            if source in done or source not in ranges or source in self.stored_ranges:
                 continue
             nested = nested_range(*ranges[source], spec.step)
             if nested is not None:
                 aligned[source] = nested
                 done.add(source)
         return aligned
+
+    def _read_stored_ranges(self):
+        """`{name: (min, max)}` of the range tensors the Keras model quantizes itself
+        (`fqat_tf.int8_storage` layers), named as `export.tflite.observe_ranges` names them."""
+        ranges = {}
+        for node in self._nodes:
+            layer = node.layer
+            if isinstance(layer, int8_storage.RangeQuantize) and layer.range is not None:
+                ranges[layer.name] = layer.range
+            elif isinstance(layer, int8_storage.Int8GroupNormalization):
+                ranges.update({f"{layer.name}/{part}": r
+                               for part, r in layer.stored_ranges.items()})
+        return ranges
 
     @property
     def moved_weights(self):
@@ -345,7 +387,7 @@ class ExportGraph:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        em = Emitter(mode, ranges)
+        em = Emitter(mode, ranges, self.stored_ranges)
         values = {INPUT_KEY: em.materialize(INPUT_KEY, x, self.rep[INPUT_KEY],
                                             self._spec_for(INPUT_KEY))}
         for node in self._nodes:

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fqat_tf import int8_storage
 from fqat_tf.quantize import QuantizeWrapper
 
 # Layers through which a quantizer can be moved to the input without changing any value:
@@ -71,7 +72,8 @@ def unsupported_reason(layer, input_shapes):
                           keras.layers.GlobalAveragePooling2D)):
         fmt = getattr(layer, "data_format", "channels_last")
         return None if fmt == "channels_last" else "channels_first"
-    if isinstance(layer, PASSTHROUGH_TYPES + (keras.layers.Concatenate,)):
+    if isinstance(layer, PASSTHROUGH_TYPES + (keras.layers.Concatenate,
+                                              int8_storage.RangeQuantize)):
         return None
     if isinstance(layer, keras.layers.BatchNormalization):
         return "BatchNormalization that does not directly follow a linear Conv2D/DepthwiseConv2D"
@@ -162,43 +164,19 @@ def identity(layer, inputs, em, consts):
 
 
 def group_normalization(layer, inputs, em, consts):
-    """GroupNorm from int8 ops, each intermediate quantized on its own range.
-
-    `y = x * a + (beta - mean * a)` with `a = gamma * rsqrt(var + eps)` per example and group.
-    This form rounds the output once from `x * a` and once from the per-group offset: where x
-    is 0 (most of a ReLU map) y is the offset alone, so the many equal values of a group do
-    not carry a shared rounding error of the centred tensor into the reader's quantizer. The
-    centred tensor feeds the variance only: the sum of squares is one BATCH_MATMUL of the
-    centred group with itself, accumulated in int32 (a squared tensor would need its own int8
-    range, which its largest values fill). `1/n` joins the constant side:
-    `rsqrt(var + eps) = sqrt(n) * rsqrt(sum_sq + n * eps)`.
-    """
-    x = inputs[0]
-    h, w, c = (int(d) for d in x.shape[1:])
-    g = int(layer.groups)
-    k = c // g
-    n = h * w * k
-    xr = tf.reshape(x, [-1, h * w, g, k])
-    mean = em.range(layer.name, "mean", tf.reduce_mean(xr, axis=[1, 3], keepdims=True))
-    centred = em.range(layer.name, "centred", xr - mean)
-    rows = tf.reshape(tf.transpose(centred, [0, 2, 1, 3]), [-1, g, 1, h * w * k])
-    sum_sq = em.range(layer.name, "sum_squares", tf.matmul(rows, rows, transpose_b=True))
-    sum_sq = em.range(layer.name, "sum_squares_eps",
-                      sum_sq + em.constant(np.array(n * float(layer.epsilon))))
-    inv = tf.reshape(em.range(layer.name, "rsqrt", tf.math.rsqrt(sum_sq)), [-1, 1, g, 1])
-    gamma = consts.get("gamma", np.ones(c)) * np.sqrt(n)
-    a = em.range(layer.name, "scale", inv * em.constant(gamma.reshape(1, 1, g, k)))
-    beta = consts.get("beta", np.zeros(c)).reshape(1, 1, g, k)
-    offset = em.range(layer.name, "offset",
-                      em.constant(beta) - em.range(layer.name, "mean_scaled", mean * a))
+    """GroupNorm from int8 ops, each intermediate quantized on its own range
+    (`fqat_tf.int8_storage.group_norm_ops`). An `Int8GroupNormalization` trained its ranges and
+    quantizes its constant operands in the Keras model already; observe mode does as it does."""
     clip = None
     if "output_clip" in consts and em.mode == "observe":
         # The reader clips y at (lo, hi): x * a beyond these bounds, less the offset, gives
         # the same output, so its range need not hold such values.
-        lo, hi = consts["output_clip"]
-        clip = (lo - tf.reduce_max(offset), hi - tf.reduce_min(offset))
-    y = em.range(layer.name, "scaled", xr * a, clip=clip) + offset
-    return tf.reshape(y, [-1, h, w, c])
+        clip = consts["output_clip"]
+    stored = isinstance(layer, int8_storage.Int8GroupNormalization)
+    return int8_storage.group_norm_ops(
+        inputs[0], layer.groups, layer.epsilon, consts.get("gamma"), consts.get("beta"),
+        lambda part, t, clip=None: em.range(layer.name, part, t, clip=clip),
+        lambda values: em.constant(values, always=stored), scaled_clip=clip)
 
 
 EMITTERS = (
@@ -215,6 +193,7 @@ EMITTERS = (
     (keras.layers.Dropout, identity),
     (keras.layers.Identity, identity),
     (keras.layers.GroupNormalization, group_normalization),
+    (int8_storage.RangeQuantize, identity),
 )
 
 

@@ -125,6 +125,7 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     """
     graph = ExportGraph(model, allow_float=allow_float)
     ranges = graph.align_ranges(observe_ranges(graph, representative_data, max_batches))
+    ranges.update(graph.stored_ranges)
     tflite = _to_tflite(graph, "int8", ranges, int8_io)
     return ExportResult(tflite, list(graph.float_layers), graph.requantized,
                         graph.moved_weights, ranges)

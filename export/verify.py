@@ -177,6 +177,13 @@ def main(argv=None):
                for d, r in report.items() if r["agreement"] < args.min_agreement]
     for line in failed:
         print(f"export.verify: FAIL {line}", file=sys.stderr)
+    if any(r["agreement"] < args.min_agreement for r in report.values()):
+        from fqat_tf import int8_storage
+
+        if not int8_storage.storage_layers(model):
+            print("export.verify: the model was trained without the integer model's 8-bit "
+                  "storage; train it with --int8_storage for an export that matches it",
+                  file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -1,0 +1,80 @@
+"""A fake-quant model rebuilt to train with the 8-bit storage of its integer export.
+
+    qmodel = fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4)
+    qmodel = export.storage.int8_storage_model(qmodel)
+    fqat_tf.calibrate_scales(qmodel, batches)
+    fqat_tf.calibrate_ranges(qmodel, batches)
+    ... QAT ...; export.tflite.export(qmodel, batches) then agrees with it up to rounding ties.
+
+`export.graph.ExportGraph` decides which tensors the integer model stores on a range of their
+own (representation "range"); this module puts a `fqat_tf.RangeQuantize` behind each of them,
+replaces every GroupNormalization by an `Int8GroupNormalization` (its int8 lowering, simulated)
+and rounds the kernels the recipe leaves float (the first conv, the classifier) onto their int8
+grids and their biases onto TFLite's int32 grids (`QuantizeWrapper(int8_storage=True)`). Learned quantizers, steps and weights are copied.
+See `fqat_tf.int8_storage` for why.
+"""
+import keras
+
+from export.graph import INPUT_KEY, ExportGraph
+from fqat_tf import defaults
+from fqat_tf.int8_storage import Int8GroupNormalization, RangeQuantize, storage_layers
+from fqat_tf.quantize import QuantizeWrapper
+
+SUFFIX = "_int8"
+
+
+def _fresh(layer, ema_decay):
+    config = layer.get_config()
+    if isinstance(layer, QuantizeWrapper):
+        config["int8_storage"] = True
+        return QuantizeWrapper.from_config(config)
+    if type(layer) is keras.layers.GroupNormalization:
+        return Int8GroupNormalization(ema_decay=ema_decay, **config)
+    return layer.__class__.from_config(config)
+
+
+def _copy_weights(old, new):
+    if isinstance(new, Int8GroupNormalization):
+        for target, source in zip(new.weights, old.weights):   # gamma, beta come first
+            target.assign(source)
+    else:
+        new.set_weights(old.get_weights())
+
+
+def int8_storage_model(model, *, ema_decay=defaults.INT8_RANGE_EMA_DECAY):
+    """A copy of `model` that fake-quantizes every tensor its integer export stores in 8 bits.
+
+    Args:
+      model: a functional or Sequential fake-quant model (`fqat_tf.quantize_model`) made of
+        layers the exporter keeps integer.
+      ema_decay: moving-average decay of the new ranges in training.
+
+    Returns:
+      A new functional model; its ranges are uncalibrated (identity) until
+      `fqat_tf.calibrate_ranges` or the first training step.
+
+    Raises:
+      export.graph.UnsupportedLayerError: a layer has no integer lowering.
+      ValueError: `model` has int8 storage already.
+    """
+    if storage_layers(model):
+        raise ValueError(f"model {model.name!r} has int8 storage layers already")
+    graph = ExportGraph(model)
+    names = {layer.name for layer in graph.model.layers}
+
+    def stored(tensor, key):
+        name = (key if key != INPUT_KEY else "input") + SUFFIX
+        if name in names:
+            raise ValueError(f"cannot add layer {name!r}: the model has a layer of that name")
+        return RangeQuantize(ema_decay=ema_decay, name=name)(tensor)
+
+    source = graph.model.inputs[0]
+    x = keras.Input(shape=tuple(source.shape[1:]), name=source._keras_history.operation.name)
+    tensors = {INPUT_KEY: stored(x, INPUT_KEY) if graph.rep[INPUT_KEY] == "range" else x}
+    for old, inputs, output in graph.nodes:
+        layer = _fresh(old, ema_decay)
+        args = [tensors[k] for k in inputs]
+        y = layer(args[0] if len(args) == 1 else args)
+        _copy_weights(old, layer)
+        tensors[output] = stored(y, output) if graph.rep[output] == "range" else y
+    return keras.Model(x, tensors[graph.output_key], name=model.name)
