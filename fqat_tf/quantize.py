@@ -44,8 +44,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
       quantize_config: a `QuantizeConfig` naming the kernel and input quantizers.
       int8_storage: the weights as an integer model stores them (`fqat_tf.int8_storage`): a
         kernel the config leaves float on its symmetric int8 grid (per output channel; per
-        tensor for Dense), and, where the input is quantized, the bias on the int32 grid of
-        input step times kernel scale.
+        tensor for Dense), an 8-bit learned kernel without its -128, and, where the input is
+        quantized, the bias on the int32 grid of input step times kernel scale.
     """
 
     def __init__(self, layer, quantize_config, int8_storage=False, **kwargs):
@@ -89,7 +89,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
         q = self.quantize_config.weight_quantizer
         kernel = self.layer.kernel
         if q is not None:
-            return q(kernel, self._weight_vars)
+            kq = q(kernel, self._weight_vars)
+            if self.int8_storage and q.signed and q.num_bits == 8:
+                # TFLite's int8 weights are symmetric: the 8-bit grid's -128 is stored as -127.
+                step = keras.ops.convert_to_tensor(self._weight_vars["step"])
+                kq = keras.ops.maximum(kq, -int8_storage.INT8_WEIGHT_MAX * step)
+            return kq
         if self.int8_storage:
             return int8_storage.int8_kernel(
                 kernel, depthwise=isinstance(self.layer, keras.layers.DepthwiseConv2D),
