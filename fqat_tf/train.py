@@ -36,6 +36,9 @@ flags.DEFINE_enum("quantizer", None, ["lsq", "ewgs"], "Quantizer (default lsq)."
 flags.DEFINE_integer("weight_bits", defaults.WEIGHT_BITS, "Weight bit width, 2..8.")
 flags.DEFINE_integer("activation_bits", defaults.ACTIVATION_BITS, "Activation bit width, 2..8.")
 flags.DEFINE_bool("per_channel", defaults.PER_CHANNEL, "Per-channel weight steps.")
+flags.DEFINE_bool("int8_storage", defaults.INT8_STORAGE,
+                  "Train with the 8-bit storage of the integer TFLite export simulated "
+                  "(export.storage): the exported model then matches the trained one.")
 flags.DEFINE_float("ewgs_delta", defaults.EWGS_DELTA, "EWGS delta (fixed mode / initial).")
 flags.DEFINE_enum("ewgs_delta_mode", defaults.EWGS_DELTA_MODE, ["fixed", "hessian"],
                   "EWGS delta: fixed, or refreshed from a Hutchinson Hessian-trace estimate.")
@@ -188,7 +191,8 @@ def _apply_smoke(s):
 
 def _default_output_dir(s):
     tag = s["method"] if s["method"] in FLOAT_METHODS else (
-        f"{s['method']}_{s['quantizer']}_w{s['weight_bits']}a{s['activation_bits']}")
+        f"{s['method']}_{s['quantizer']}_w{s['weight_bits']}a{s['activation_bits']}"
+        + ("_int8" if s["int8_storage"] else ""))
     test = "+".join(str(d).replace(" ", "_") for d in s["test_domains"])
     return os.path.join("runs", f"{s['dataset']}_{tag}", test, f"seed{s['seed']}")
 
@@ -201,7 +205,7 @@ def settings_from_flags(flag_values=FLAGS):
     _resolve_method(s)
     if s["method"] in FLOAT_METHODS:
         for name in ("weight_bits", "activation_bits", "per_channel", "freeze_interval",
-                     "freeze_threshold"):
+                     "freeze_threshold", "int8_storage"):
             if name in present:
                 _usage(name, f"--method={s['method']} trains a full-precision model without "
                              f"quantizers or freezing; drop --{name}")

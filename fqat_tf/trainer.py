@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from fqat_tf import calibration, data, models, rundir
+from fqat_tf import calibration, data, int8_storage, models, rundir
 from fqat_tf.ewgs import EWGSDeltaCallback
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback
@@ -101,12 +101,19 @@ def _build(s, splits, start_from):
         logging.info("init: %s", models.load_init(base, s["init"]))
     if s["method"] in FLOAT_METHODS:
         return base
-    return quantize_model(base, weight_bits=s["weight_bits"],
-                          activation_bits=s["activation_bits"], quantizer=s["quantizer"],
-                          per_channel=s["per_channel"], act_grad_count=s["act_grad_count"],
-                          quantizer_kwargs={"delta": s["ewgs_delta"],
-                                            "delta_mode": s["ewgs_delta_mode"]}
-                          if s["quantizer"] == "ewgs" else None)
+    qmodel = quantize_model(base, weight_bits=s["weight_bits"],
+                            activation_bits=s["activation_bits"], quantizer=s["quantizer"],
+                            per_channel=s["per_channel"], act_grad_count=s["act_grad_count"],
+                            quantizer_kwargs={"delta": s["ewgs_delta"],
+                                              "delta_mode": s["ewgs_delta_mode"]}
+                            if s["quantizer"] == "ewgs" else None)
+    if s.get("int8_storage"):
+        # The exporter's analysis decides what the integer model stores; imported here so
+        # the core package does not load the export package unless asked to.
+        from export.storage import int8_storage_model
+
+        qmodel = int8_storage_model(qmodel)
+    return qmodel
 
 
 def _truncate(run_dir, step):
@@ -197,6 +204,7 @@ def train_stage(s, run_dir, start_from=None):
         if quantized:
             calibration.calibrate_scales(qmodel, stream, s["calibration_batches"],
                                          method=s["calibration"])
+            int8_storage.calibrate_ranges(qmodel, stream, s["calibration_batches"])
     return _loop(s, run_dir, fq, (iterator, stream), (step, wall), manager, streams, records,
                  quantized)
 

@@ -66,6 +66,11 @@ def test_export_and_verify_a_run_directory(run_dir, tmp_path, capsys):
     assert verify_cli.main([str(out_f), run_dir, "--max_batches", "1",
                             "--min_agreement", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["75"]["input_dtype"] == "float32"
+    # Below the bound: exit 1, naming the domain, and (a model of the paper's recipe) the fix.
+    assert verify_cli.main([str(out_f), run_dir, "--max_batches", "1",
+                            "--min_agreement", "1.01"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL 75: agreement" in err and "--int8_storage" in err
 
 
 def _bad(tmp_path, name, flags=FLAGS, model_bytes=None):

@@ -1,5 +1,6 @@
 """Slow: int8 TFLite export of a ResNet-18 (width 64) trained on RotatedMNIST, at W8A8, W4A4
-and W3A3, against its Keras fake-quant model on the held-out 75-degree domain.
+and W3A3, against its Keras fake-quant model on the held-out 75-degree domain; with the paper's
+recipe and with int8 storage in training (`export.storage.int8_storage_model`).
 
     pytest -m slow tests/test_export_resnet18.py -s
 
@@ -16,6 +17,7 @@ import pytest
 import fqat_tf
 from export import tflite as export_lib
 from export import verify as verify_lib
+from export.storage import int8_storage_model
 from fqat_tf import data, models
 
 pytestmark = pytest.mark.slow
@@ -43,12 +45,16 @@ def trained():
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3])
-def test_resnet18_agreement(trained, bits, tmp_path):
+@pytest.mark.parametrize("storage", [False, True], ids=["recipe", "int8_storage"])
+def test_resnet18_agreement(trained, bits, storage, tmp_path):
     splits, stream, model = trained
     keras.utils.set_random_seed(bits)
     representative = export_lib.representative_batches(FLAGS)
     qmodel = fqat_tf.quantize_model(model, weight_bits=bits, activation_bits=bits)
+    if storage:
+        qmodel = int8_storage_model(qmodel)
     fqat_tf.calibrate_scales(qmodel, representative, num_batches=len(representative))
+    fqat_tf.calibrate_ranges(qmodel, representative, num_batches=len(representative))
     _compile(qmodel, 1e-4)
     qmodel.fit(stream, steps_per_epoch=QAT_STEPS, epochs=1, verbose=0)
     # The learned BatchNorm statistics are what the exporter folds.
@@ -58,13 +64,14 @@ def test_resnet18_agreement(trained, bits, tmp_path):
     path.write_bytes(result.tflite)
     test = data.eval_streams(splits, 64)["test"]["75"]
     report = verify_lib.verify(str(path), qmodel, test)
-    print(f"\nresnet18 width 64 W{bits}A{bits}: " + json.dumps(
+    print(f"\nresnet18 width 64 W{bits}A{bits} int8_storage={storage}: " + json.dumps(
         {**report, **result.summary()}, sort_keys=True))
     assert report["float_tensors"] == []
     assert report["keras_accuracy"] > 0.8
     assert abs(report["tflite_accuracy"] - report["keras_accuracy"]) <= 0.015
-    # The 99% target holds at W8A8. At 4 and 3 bits this model is itself that sensitive: noise
-    # of 0.001 on its input images (a quarter of a grey level) changes 1-1.5% of its test
-    # predictions, 0.004 changes 3.5%; the int8 first conv's weights alone account for the
-    # rest of the gap (with them float and every range float the graph agrees 100%).
-    assert report["agreement"] >= {8: 0.99, 4: 0.96, 3: 0.93}[bits]
+    # With the paper's recipe the 99% target holds at W8A8 only. At 4 and 3 bits this model is
+    # itself that sensitive: noise of 0.001 on its input images (a quarter of a grey level)
+    # changes 1-1.5% of its test predictions, 0.004 changes 3.5%; the int8 first conv's
+    # weights and the 8-bit storage of the tensors the recipe keeps float make the gap. Trained
+    # with that storage the Keras model is the integer model.
+    assert report["agreement"] >= (0.99 if storage else {8: 0.99, 4: 0.96, 3: 0.93}[bits])
