@@ -361,11 +361,18 @@ class ExportGraph:
         ranges = {}
         for node in self._nodes:
             layer = node.layer
-            if isinstance(layer, int8_storage.RangeQuantize) and layer.range is not None:
-                ranges[layer.name] = layer.range
-            elif isinstance(layer, int8_storage.Int8GroupNormalization):
-                ranges.update({f"{layer.name}/{part}": r
-                               for part, r in layer.stored_ranges.items()})
+            if not isinstance(layer, (int8_storage.RangeQuantize,
+                                      int8_storage.Int8GroupNormalization)):
+                continue
+            stored = layer.stored_ranges
+            if not stored:
+                raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}): its int8 "
+                                 f"ranges were never set; call fqat_tf.calibrate_ranges(model, "
+                                 f"batches) (or train in training mode) before exporting")
+            if isinstance(layer, int8_storage.RangeQuantize):
+                ranges[layer.name] = stored["output"]
+            else:
+                ranges.update({f"{layer.name}/{part}": r for part, r in stored.items()})
         return ranges
 
     @property

@@ -44,6 +44,8 @@ class ExportResult:
         the layer's own (`ExportGraph.align_ranges`).
       moved_weights: per layer, 8-bit kernel integers of -128 stored as -127.
       ranges: `{tensor: (min, max)}` of the range-quantized tensors, as converted.
+      trained_ranges: how many of them the model trained itself (int8 storage); the others
+        come from the representative data.
     """
 
     tflite: bytes
@@ -51,12 +53,13 @@ class ExportResult:
     requantized: list
     moved_weights: dict
     ranges: dict
+    trained_ranges: int = 0
 
     def summary(self):
         """The result as a JSON-friendly dict, without the flatbuffer and the ranges."""
         return {"bytes": len(self.tflite), "float_layers": self.float_layers,
                 "requantized": self.requantized, "moved_weights": self.moved_weights,
-                "range_tensors": len(self.ranges)}
+                "range_tensors": len(self.ranges), "trained_ranges": self.trained_ranges}
 
 
 def _images(element):
@@ -128,7 +131,7 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     ranges.update(graph.stored_ranges)
     tflite = _to_tflite(graph, "int8", ranges, int8_io)
     return ExportResult(tflite, list(graph.float_layers), graph.requantized,
-                        graph.moved_weights, ranges)
+                        graph.moved_weights, ranges, len(graph.stored_ranges))
 
 
 def convert(model, representative_data, *, int8_io=True, allow_float=False,

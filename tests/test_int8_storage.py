@@ -1,6 +1,7 @@
 """Integer storage in training (`fqat_tf.int8_storage`, `export.storage`): range quantizers,
 int8 kernels and int32 biases, the simulated int8 GroupNorm, and exports that match the trained
 Keras model."""
+import json
 import os
 
 import keras
@@ -229,7 +230,8 @@ def test_training_program_with_int8_storage_exports_its_run(tmp_path, capsys):
     assert layers and all(layer.stored_ranges for layer in layers)
     tflite = str(tmp_path / "m.tflite")
     assert export_lib.main([out, "--out", tflite, "--representative_batches", "1"]) == 0
-    capsys.readouterr()
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trained_ranges"] == summary["range_tensors"] > 0
     assert verify_cli.main([tflite, out, "--max_batches", "1", "--min_agreement", "0"]) == 0
 
 
