@@ -273,6 +273,10 @@ def main(argv=None):
     print(json.dumps({"out": args.out, **result.summary()}, indent=2, sort_keys=True))
     if result.float_layers:
         print("WARNING: layers left float: " + "; ".join(result.float_layers), file=sys.stderr)
+    if result.ranges and not result.trained_ranges:
+        print("NOTE: the model was trained without the int8 model's 8-bit storage, so the two "
+              "differ where it stores a tensor the model kept float; train with --int8_storage "
+              "(export.storage) for an export that matches it", file=sys.stderr)
     return 0
 
 

@@ -48,7 +48,9 @@ def run_dir(tmp_path_factory):
 def test_export_and_verify_a_run_directory(run_dir, tmp_path, capsys):
     out = tmp_path / "model.tflite"
     assert export_cli.main([run_dir, "--out", str(out), "--representative_batches", "1"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "--int8_storage" in captured.err      # a model of the paper's recipe
     assert summary["bytes"] == out.stat().st_size > 0
     assert summary["float_layers"] == [] and summary["range_tensors"] >= 3
     # Only the finished file is left in the folder (the temporary one was renamed).
