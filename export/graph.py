@@ -160,6 +160,11 @@ class ExportGraph:
         return [(n.layer, list(n.inputs), n.output) for n in self._nodes]
 
     @property
+    def folds(self):
+        """`{conv layer name: the BatchNormalization folded into it}`."""
+        return dict(self._fold_into)
+
+    @property
     def output_key(self):
         """The key of the model's output tensor."""
         return self._output_key
@@ -229,6 +234,8 @@ class ExportGraph:
         channels = fold.num_channels(kernel.shape, depthwise)
         f, offset = np.ones(channels), np.zeros(channels)
         bn = self._fold_into.get(layer.name)
+        if bn is None and isinstance(layer, QuantizeWrapper):
+            bn = layer.batchnorm            # folded in the Keras model already (int8 storage)
         if bn is not None:
             f, offset = fold.batchnorm_affine(bn, len(node.input_shapes[0]))
         wq = layer.quantize_config.weight_quantizer if wrapped else None
@@ -246,7 +253,11 @@ class ExportGraph:
             ints = fold.grid_integers(keras.ops.convert_to_numpy(layer.quantized_kernel()),
                                       step, num_bits)
             kernel, scales, moved = fold.folded_grid_kernel(ints, step, f, depthwise)
-            bias = (np.zeros(channels) if bias is None else bias) * f + offset
+            if isinstance(layer, QuantizeWrapper) and layer.batchnorm is not None:
+                # The bias the Keras model adds (on its integer grid with int8 storage).
+                bias = keras.ops.convert_to_numpy(layer.folded_bias()).astype(np.float64)
+            else:
+                bias = (np.zeros(channels) if bias is None else bias) * f + offset
             per_tensor = np.allclose(scales, scales[0], rtol=1e-7, atol=0.0)
             if dense and per_tensor:
                 scales = np.float64(scales[0])

@@ -8,8 +8,9 @@
 
 `export.graph.ExportGraph` decides which tensors the integer model stores on a range of their
 own (representation "range"); this module puts a `fqat_tf.RangeQuantize` behind each of them,
-replaces every GroupNormalization by an `Int8GroupNormalization` (its int8 lowering, simulated)
-and rounds the kernels the recipe leaves float (the first conv, the classifier) onto their int8
+replaces every GroupNormalization by an `Int8GroupNormalization` (its int8 lowering, simulated),
+moves every BatchNorm the exporter folds into its conv's wrapper (`QuantizeWrapper(batchnorm=)`,
+which rounds the folded bias as TFLite does) and rounds the kernels the recipe leaves float (the first conv, the classifier) onto their int8
 grids and their biases onto TFLite's int32 grids (`QuantizeWrapper(int8_storage=True)`). Learned quantizers, steps and weights are copied.
 See `fqat_tf.int8_storage` for why.
 """
@@ -23,20 +24,29 @@ from fqat_tf.quantize import QuantizeWrapper
 SUFFIX = "_int8"
 
 
-def _fresh(layer, ema_decay):
+def _fresh(layer, ema_decay, batchnorm=None):
     config = layer.get_config()
     if isinstance(layer, QuantizeWrapper):
         config["int8_storage"] = True
+        if batchnorm is not None:
+            config["batchnorm"] = keras.saving.serialize_keras_object(batchnorm)
         return QuantizeWrapper.from_config(config)
     if type(layer) is keras.layers.GroupNormalization:
         return Int8GroupNormalization(ema_decay=ema_decay, **config)
     return layer.__class__.from_config(config)
 
 
-def _copy_weights(old, new):
+def _copy_weights(old, new, batchnorm=None):
     if isinstance(new, Int8GroupNormalization):
         for target, source in zip(new.weights, old.weights):   # gamma, beta come first
             target.assign(source)
+    elif isinstance(new, QuantizeWrapper):
+        new.layer.set_weights(old.layer.get_weights())
+        for role in ("weight_variables", "input_variables"):
+            for key, v in (getattr(old, role) or {}).items():
+                getattr(new, role)[key].assign(v)
+        if batchnorm is not None:
+            new.batchnorm.set_weights(batchnorm.get_weights())
     else:
         new.set_weights(old.get_weights())
 
@@ -68,13 +78,22 @@ def int8_storage_model(model, *, ema_decay=defaults.INT8_RANGE_EMA_DECAY):
             raise ValueError(f"cannot add layer {name!r}: the model has a layer of that name")
         return RangeQuantize(ema_decay=ema_decay, name=name)(tensor)
 
+    # A BatchNorm the exporter folds into a quantized conv moves into that conv's wrapper, which
+    # then rounds the folded bias as the integer model does.
+    folds = {conv: bn for conv, bn in graph.folds.items()
+             if isinstance(graph.model.get_layer(conv), QuantizeWrapper)}
+    folded = {bn.name for bn in folds.values()}
     source = graph.model.inputs[0]
     x = keras.Input(shape=tuple(source.shape[1:]), name=source._keras_history.operation.name)
     tensors = {INPUT_KEY: stored(x, INPUT_KEY) if graph.rep[INPUT_KEY] == "range" else x}
     for old, inputs, output in graph.nodes:
-        layer = _fresh(old, ema_decay)
         args = [tensors[k] for k in inputs]
-        y = layer(args[0] if len(args) == 1 else args)
-        _copy_weights(old, layer)
+        if old.name in folded:
+            y = args[0]
+        else:
+            bn = folds.get(old.name)
+            layer = _fresh(old, ema_decay, bn)
+            y = layer(args[0] if len(args) == 1 else args)
+            _copy_weights(old, layer, bn)
         tensors[output] = stored(y, output) if graph.rep[output] == "range" else y
     return keras.Model(x, tensors[graph.output_key], name=model.name)

@@ -123,7 +123,8 @@ def _float_probe(qmodel):
         if isinstance(layer, QuantizeWrapper):
             if layer.quantize_config.input_quantizer is not None:
                 taps[layer.name] = args[0]
-            return layer.layer(args[0])
+            y = layer.layer(args[0])
+            return y if layer.batchnorm is None else layer.batchnorm(y, training=False)
         return layer(*args, **kwargs)
 
     float_model = keras.models.clone_model(qmodel, clone_function=lambda l: l, call_function=call)

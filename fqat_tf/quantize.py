@@ -46,9 +46,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
         kernel the config leaves float on its symmetric int8 grid (per output channel; per
         tensor for Dense), an 8-bit learned kernel without its -128, and, where the input is
         quantized, the bias on the int32 grid of input step times kernel scale.
+      batchnorm: a `keras.layers.BatchNormalization` applied to the (linear) output, as an
+        integer model folds it into the kernel and bias: with inference statistics the output
+        is `conv(x, W) * f + (b * f + beta - mean * f)`, and with `int8_storage` that offset
+        sits on the int32 grid of input step times kernel scale times `|f|` (TFLite's folded
+        bias). Training-mode statistics apply it as a plain BatchNorm.
     """
 
-    def __init__(self, layer, quantize_config, int8_storage=False, **kwargs):
+    def __init__(self, layer, quantize_config, int8_storage=False, batchnorm=None, **kwargs):
         if type(layer) not in QUANTIZABLE_TYPES:
             raise ValueError(f"QuantizeWrapper cannot wrap {type(layer).__name__} "
                              f"(layer {layer.name!r}); supported: "
@@ -57,6 +62,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.quantize_config = quantize_config
         self.int8_storage = bool(int8_storage)
+        if batchnorm is not None and not isinstance(batchnorm, keras.layers.BatchNormalization):
+            raise ValueError(f"layer {layer.name!r}: batchnorm must be a BatchNormalization, "
+                             f"got {type(batchnorm).__name__}")
+        if batchnorm is not None and layer.activation not in (None, keras.activations.linear):
+            raise ValueError(f"layer {layer.name!r}: a BatchNormalization folds only into a "
+                             f"linear layer")
+        self.batchnorm = batchnorm
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -67,6 +79,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
                            cfg.weight_quantizer.build(self, self.layer.kernel.shape, "kernel"))
         object.__setattr__(self, "_input_vars", None if cfg.input_quantizer is None else
                            cfg.input_quantizer.build(self, input_shape, "input"))
+        if self.batchnorm is not None and not self.batchnorm.built:
+            self.batchnorm.build(self.layer.compute_output_shape(input_shape))
         self.built = True
 
     @property
@@ -128,7 +142,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         inner = self.layer
         if not inner.use_bias:
             return None
-        scales = self.kernel_scales() if self.int8_storage else None
+        scales = (self.kernel_scales() if self.int8_storage and self.batchnorm is None
+                  else None)
         if scales is None or self.quantize_config.input_quantizer is None:
             return inner.bias
         step = keras.ops.convert_to_tensor(self._input_vars["step"])
@@ -147,13 +162,48 @@ class QuantizeWrapper(keras.layers.Wrapper):
                                          data_format=inner.data_format)
         else:
             y = inner.convolution_op(x, kernel)
+        if getattr(inner, "data_format", "channels_last") == "channels_first":
+            raise ValueError(f"layer {inner.name!r}: channels_first is not supported")
+        if self.batchnorm is not None:
+            return self._folded_batchnorm(y, training)
         if inner.use_bias:
-            if getattr(inner, "data_format", "channels_last") == "channels_first":
-                raise ValueError(f"layer {inner.name!r}: channels_first is not supported")
             y = keras.ops.add(y, self.quantized_bias())
         if inner.activation is not None:
             y = inner.activation(y)
         return y
+
+    def batchnorm_factor(self):
+        """`(f, offset)` of the inference-mode BatchNorm, `BN(y) = y * f + offset`."""
+        bn = self.batchnorm
+        mean = keras.ops.convert_to_tensor(bn.moving_mean)
+        f = keras.ops.rsqrt(keras.ops.convert_to_tensor(bn.moving_variance) + bn.epsilon)
+        if bn.gamma is not None:
+            f = f * bn.gamma
+        offset = -mean * f
+        if bn.beta is not None:
+            offset = offset + bn.beta
+        return f, offset
+
+    def folded_bias(self):
+        """The bias after folding `batchnorm` (inference statistics): `b * f + offset`, on the
+        int32 grid of input step times kernel scale times `|f|` with `int8_storage`."""
+        f, offset = self.batchnorm_factor()
+        if self.layer.use_bias:
+            offset = offset + self.layer.bias * f
+        scales = self.kernel_scales() if self.int8_storage else None
+        if scales is not None and self.quantize_config.input_quantizer is not None:
+            step = keras.ops.convert_to_tensor(self._input_vars["step"])
+            offset = int8_storage.on_grid(offset, step * scales * keras.ops.abs(f))
+        return offset
+
+    def _folded_batchnorm(self, y, training):
+        inner, bn = self.layer, self.batchnorm
+        if training and bn.trainable:
+            if inner.use_bias:
+                y = keras.ops.add(y, inner.bias)
+            return bn(y, training=True)
+        f, _ = self.batchnorm_factor()
+        return y * keras.ops.cast(f, y.dtype) + keras.ops.cast(self.folded_bias(), y.dtype)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -162,6 +212,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         config = super().get_config()
         config["quantize_config"] = keras.saving.serialize_keras_object(self.quantize_config)
         config["int8_storage"] = self.int8_storage
+        if self.batchnorm is not None:
+            config["batchnorm"] = keras.saving.serialize_keras_object(self.batchnorm)
         return config
 
     @classmethod
@@ -170,6 +222,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         layer = keras.saving.deserialize_keras_object(config.pop("layer"),
                                                       custom_objects=custom_objects)
         quantize_config = keras.saving.deserialize_keras_object(config.pop("quantize_config"))
+        if config.get("batchnorm") is not None:
+            config["batchnorm"] = keras.saving.deserialize_keras_object(config["batchnorm"])
         return cls(layer, quantize_config, **config)
 
 
