@@ -281,3 +281,36 @@ def test_8bit_learned_kernel_is_symmetric_as_tflite_stores_it():
     # The exporter has to move the recipe's -128s inward; the storage model has none.
     assert export_lib.export(qmodel, [x]).moved_weights["c2"] > 0
     assert export_lib.export(smodel, [x]).moved_weights == {}
+
+
+def test_batchnorm_folds_into_its_conv_with_the_bias_on_tflites_grid(tmp_path):
+    qmodel, smodel, x, _ = _storage_resnet(4)
+    # Every BatchNorm of this network follows a conv: all of them moved into the wrappers.
+    assert not [l for l in smodel.layers if isinstance(l, keras.layers.BatchNormalization)]
+    folded = {w.name: w for w in fqat_tf.quantize.quantize_wrappers(smodel) if w.batchnorm}
+    assert set(folded) == {"conv1", "block_conv1", "block_conv2", "downsample"}
+    # The calibration probe applies the folded BatchNorm: the steps come out as before.
+    steps = fqat_tf.calibrate_scales(qmodel, [x[:64]], 1)
+    again = fqat_tf.calibrate_scales(smodel, [x[:64]], 1)
+    assert again.keys() == steps.keys()
+    for name, roles in steps.items():
+        assert roles.keys() == again[name].keys()
+        for role, step in roles.items():
+            np.testing.assert_allclose(again[name][role], step, rtol=1e-6)
+    wrapper, bn = folded["block_conv2"], qmodel.get_layer("block_bn2")
+    conv = qmodel.get_layer("block_conv2")
+    h = keras.Model(qmodel.inputs, qmodel.get_layer("block_relu1").output)(x[:8])
+    plain = bn(conv(h), training=False).numpy()
+    stored = wrapper(h, training=False).numpy()
+    f = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    grid = (wrapper.input_variables["step"].numpy() * wrapper.weight_variables["step"].numpy()
+            * np.abs(f))
+    bias = wrapper.folded_bias().numpy()
+    np.testing.assert_allclose(bias / grid, np.round(bias / grid), atol=1e-3)
+    assert np.abs(stored - plain).max() <= grid.max() / 2 + 1e-5
+    # With training statistics it is the BatchNorm itself.
+    np.testing.assert_allclose(wrapper(h, training=True), bn(conv(h), training=True), atol=1e-5)
+    path = str(tmp_path / "m.keras")
+    smodel.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded(x[:8], training=False), smodel(x[:8], training=False))
