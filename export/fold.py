@@ -17,10 +17,9 @@ Conv2D or Dense, `in * multiplier` of a DepthwiseConv2D (whose Keras kernel is
 import keras
 import numpy as np
 
-# TFLite's int8 weights are symmetric, zero point 0, in [-127, 127] (its quantization spec).
-INT8_WEIGHT_MAX = 127
-# A weight scale is never zero (an all-zero channel would otherwise give scale 0).
-MIN_WEIGHT_SCALE = 1e-12
+# TFLite's int8 weights are symmetric, zero point 0, in [-127, 127] (its quantization spec);
+# a weight scale is never zero (an all-zero channel would otherwise give scale 0).
+from fqat_tf.int8_storage import INT8_WEIGHT_MAX, MIN_WEIGHT_SCALE
 
 
 def num_channels(kernel_shape, depthwise):

@@ -241,15 +241,12 @@ class ExportGraph:
         wq = layer.quantize_config.weight_quantizer if wrapped else None
         stored = wrapped and wq is None and layer.int8_storage
         if wq is not None or stored:
-            if stored:
-                # Trained on its int8 grid (`fqat_tf.int8_storage`): the grid is kept, as a
-                # learned one is.
-                step = keras.ops.convert_to_numpy(int8_storage.int8_kernel_scales(
-                    inner.kernel, depthwise, per_channel=not dense))
-                num_bits = 8
-            else:
-                step = keras.ops.convert_to_numpy(layer.weight_variables["step"])
-                num_bits = wq.num_bits
+            # A learned grid, or a float kernel trained on its int8 grid (`int8_storage`):
+            # either way the integers are kept.
+            step = keras.ops.convert_to_numpy(layer.kernel_scales())
+            if depthwise and np.ndim(step):
+                step = step.reshape(kernel.shape[2:])
+            num_bits = 8 if stored else wq.num_bits
             ints = fold.grid_integers(keras.ops.convert_to_numpy(layer.quantized_kernel()),
                                       step, num_bits)
             kernel, scales, moved = fold.folded_grid_kernel(ints, step, f, depthwise)

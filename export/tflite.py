@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from export.graph import ExportGraph
-from fqat_tf import defaults, rundir
+from fqat_tf import defaults, int8_storage, rundir
 
 FLAG_KEYS = ("dataset", "data_dir", "test_domains", "seed", "holdout_fraction",
              "batch_per_domain")
@@ -87,7 +87,7 @@ def observe_ranges(graph, representative_data, max_batches=None):
         count += 1
     if not count:
         raise ExportError("the representative data is empty")
-    return {k: (lows[k], max(highs[k], lows[k] + 1e-6)) for k in lows}
+    return {k: int8_storage.effective_range(lows[k], highs[k]) for k in lows}
 
 
 def _to_tflite(graph, mode, ranges, int8_io):

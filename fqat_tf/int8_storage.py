@@ -28,7 +28,8 @@ import tensorflow as tf
 
 from fqat_tf import defaults
 
-INT8_WEIGHT_MAX = 127
+INT8_WEIGHT_MAX = 127          # TFLite's int8 weights: symmetric, in [-127, 127]
+MIN_WEIGHT_SCALE = 1e-12       # an all-zero channel still gets a positive scale
 MIN_RANGE = 1e-6
 GROUP_NORM_PARTS = ("mean", "centred", "sum_squares", "sum_squares_eps", "rsqrt", "scale",
                     "mean_scaled", "offset", "scaled")
@@ -47,7 +48,7 @@ def int8_kernel_scales(kernel, depthwise=False, per_channel=True):
     """Symmetric int8 scales `max|W| / 127` of a float kernel (a tensor), per output channel.
 
     Channels as TFLite quantizes them: the last axis, or `in * multiplier` of a depthwise kernel
-    (returned shaped `[in, multiplier]`). Never below `1e-12`.
+    (returned shaped `[in, multiplier]`). Never below `MIN_WEIGHT_SCALE`.
     """
     k = tf.abs(tf.convert_to_tensor(kernel))
     if not per_channel:
@@ -55,7 +56,7 @@ def int8_kernel_scales(kernel, depthwise=False, per_channel=True):
     else:
         axes = [0, 1] if depthwise else list(range(len(k.shape) - 1))
         m = tf.reduce_max(k, axis=axes)
-    return tf.maximum(m, 1e-12) / INT8_WEIGHT_MAX
+    return tf.maximum(m, MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
 
 
 def int8_kernel(kernel, depthwise=False, per_channel=True):
