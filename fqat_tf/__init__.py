@@ -5,11 +5,15 @@
     model = fqat_tf.FQATModel(qmodel, method="fqat", rho=0.05, alpha=0.001)
     model.compile(optimizer=..., scale_optimizer=..., loss=..., metrics=[...])
     model.fit(dataset, callbacks=[fqat_tf.DisorderFreezeCallback(interval=300, threshold=0.3)])
+
+For an integer TFLite model that matches the trained one, train the 8-bit storage too:
+`qmodel = export.storage.int8_storage_model(qmodel)`, then `calibrate_scales` and
+`fqat_tf.calibrate_ranges(qmodel, dataset)` before training (`fqat_tf.int8_storage`).
 """
-from fqat_tf.calibration import calibrate_scales
+from fqat_tf.calibration import calibrate_ranges, calibrate_scales
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback, gradient_disorder
-from fqat_tf.int8_storage import Int8GroupNormalization, RangeQuantize, calibrate_ranges
+from fqat_tf.int8_storage import Int8GroupNormalization, RangeQuantize
 from fqat_tf.methods import METHODS
 from fqat_tf.quantize import QuantizeWrapper, quantize_model, scale_variables
 from fqat_tf.quantizers import EWGSQuantizer, LSQQuantizer

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import defaults
+from fqat_tf import defaults, int8_storage
 from fqat_tf.quantize import QuantizeWrapper, quantize_wrappers
 
 METHODS = ("mse", "lsq")
@@ -136,6 +136,43 @@ def _inputs_only(element):
     return element[0] if isinstance(element, (tuple, list)) else element
 
 
+def _take(dataset, num_batches, caller):
+    """The input batches of the first `num_batches` elements of `dataset`, as tensors."""
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    batches = []
+    for element in dataset:
+        batches.append(tf.convert_to_tensor(_inputs_only(element)))
+        if len(batches) >= num_batches:
+            break
+    if not batches:
+        raise ValueError(f"{caller}: the calibration dataset is empty")
+    return batches
+
+
+def calibrate_ranges(model, dataset, num_batches=defaults.CALIBRATION_BATCHES):
+    """Sets every int8 storage range of `model` (`fqat_tf.int8_storage`) to the extremes seen on
+    `num_batches` batches of `dataset`.
+
+    Runs the model eagerly in inference mode; the ranges of later layers see the earlier ones
+    already quantized, as in training. Returns `{layer name: {part: (min, max)}}` (empty for a
+    model without int8 storage).
+    """
+    layers = int8_storage.storage_layers(model)
+    batches = _take(dataset, num_batches, "calibrate_ranges")
+    for layer in layers:
+        layer.initialized.assign(0.0)
+        layer.calibrating = True
+    try:
+        if layers:
+            for b in batches:
+                model(b, training=False)
+    finally:
+        for layer in layers:
+            layer.calibrating = False
+    return {layer.name: layer.stored_ranges for layer in layers}
+
+
 def calibrate_scales(qmodel, dataset, num_batches=defaults.CALIBRATION_BATCHES,
                      method=defaults.CALIBRATION, num_candidates=defaults.CALIBRATION_CANDIDATES):
     """Sets every kernel and input step of `qmodel` from data.
@@ -163,13 +200,7 @@ def calibrate_scales(qmodel, dataset, num_batches=defaults.CALIBRATION_BATCHES,
     for w, step in zip(weighted, steps):
         w.weight_variables["step"].assign(step)
         result[w.name]["kernel"] = step
-    batches = []
-    for element in dataset:
-        batches.append(tf.convert_to_tensor(_inputs_only(element)))
-        if len(batches) >= num_batches:
-            break
-    if not batches:
-        raise ValueError("calibrate_scales: the calibration dataset is empty")
+    batches = _take(dataset, num_batches, "calibrate_scales")
     probe, names = _float_probe(qmodel)
     if not names:
         return result

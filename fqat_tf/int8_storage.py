@@ -12,7 +12,7 @@ this module where `export.graph` would store a tensor on a range of its own.
 
 * `RangeQuantize`: 8-bit fake quantization on a `[min, max]` range, the moving average of the
   batch extremes in training (tfmot's `MovingAverageQuantizer`), fixed at inference; set first
-  from data by `calibrate_ranges`. An uncalibrated layer is the identity.
+  from data by `fqat_tf.calibrate_ranges`. An uncalibrated layer is the identity.
 * `Int8GroupNormalization`: GroupNorm computed as the exporter lowers it to int8 ops
   (`group_norm_ops`), each intermediate tensor on its own moving range.
 * `int8_kernel`, `on_grid`: a float kernel on its symmetric per-channel (per-tensor for Dense)
@@ -114,6 +114,12 @@ class _Range:
 class _RangeStateMixin:
     """Range variables, the `initialized` flag and the calibration switch of a storage layer."""
 
+    def _set_decay(self, ema_decay):
+        if not 0.0 <= float(ema_decay) < 1.0:
+            raise ValueError(f"{type(self).__name__}: ema_decay must be in [0, 1), "
+                             f"got {ema_decay!r}")
+        self.ema_decay = float(ema_decay)
+
     def _build_ranges(self, names):
         self._ranges = {n: _Range(self, n) for n in names}
         # Under a distribution strategy each replica updates the ranges from its own part of
@@ -158,9 +164,7 @@ class RangeQuantize(_RangeStateMixin, keras.layers.Layer):
 
     def __init__(self, ema_decay=defaults.INT8_RANGE_EMA_DECAY, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= float(ema_decay) < 1.0:
-            raise ValueError(f"RangeQuantize: ema_decay must be in [0, 1), got {ema_decay!r}")
-        self.ema_decay = float(ema_decay)
+        self._set_decay(ema_decay)
 
     def build(self, input_shape):
         self._build_ranges(["output"])
@@ -271,7 +275,7 @@ class Int8GroupNormalization(_RangeStateMixin, keras.layers.GroupNormalization):
 
     def __init__(self, ema_decay=defaults.INT8_RANGE_EMA_DECAY, **kwargs):
         super().__init__(**kwargs)
-        self.ema_decay = float(ema_decay)
+        self._set_decay(ema_decay)
 
     def build(self, input_shape):
         if len(input_shape) != 4 or self.axis not in (-1, 3) or None in input_shape[1:]:
@@ -304,34 +308,3 @@ def storage_layers(model):
     """The `RangeQuantize` and `Int8GroupNormalization` layers of `model` (nested included)."""
     return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
             if isinstance(layer, _RangeStateMixin)]
-
-
-def calibrate_ranges(model, dataset, num_batches=defaults.CALIBRATION_BATCHES):
-    """Sets every storage range of `model` to the extremes seen on `num_batches` batches.
-
-    Runs the model eagerly in inference mode; the ranges of later layers see the earlier ones
-    already quantized, as in training. Returns `{layer name: {part: (min, max)}}`.
-    """
-    if num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    layers = storage_layers(model)
-    if not layers:
-        return {}
-    batches = []
-    for element in dataset:
-        batches.append(tf.convert_to_tensor(
-            element[0] if isinstance(element, (tuple, list)) else element))
-        if len(batches) >= num_batches:
-            break
-    if not batches:
-        raise ValueError("calibrate_ranges: the calibration dataset is empty")
-    for layer in layers:
-        layer.initialized.assign(0.0)
-        layer.calibrating = True
-    try:
-        for b in batches:
-            model(b, training=False)
-    finally:
-        for layer in layers:
-            layer.calibrating = False
-    return {layer.name: layer.stored_ranges for layer in layers}

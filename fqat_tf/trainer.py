@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from fqat_tf import calibration, data, int8_storage, models, rundir
+from fqat_tf import calibration, data, models, rundir
 from fqat_tf.ewgs import EWGSDeltaCallback
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback
@@ -204,7 +204,7 @@ def train_stage(s, run_dir, start_from=None):
         if quantized:
             calibration.calibrate_scales(qmodel, stream, s["calibration_batches"],
                                          method=s["calibration"])
-            int8_storage.calibrate_ranges(qmodel, stream, s["calibration_batches"])
+            calibration.calibrate_ranges(qmodel, stream, s["calibration_batches"])
     return _loop(s, run_dir, fq, (iterator, stream), (step, wall), manager, streams, records,
                  quantized)
 
