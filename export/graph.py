@@ -39,13 +39,14 @@ import numpy as np
 from export import fold, layers as emit
 from export.emitter import Emitter
 from fqat_tf import int8_storage
+from fqat_tf.errors import UserError
 from fqat_tf.quantize import QuantizeWrapper
 
 MODES = ("observe", "int8", "float")
 INPUT_KEY = "(input)"
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(UserError):
     """A layer the exporter cannot keep integer."""
 
 

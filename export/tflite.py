@@ -23,12 +23,13 @@ import tensorflow as tf
 
 from export.graph import ExportGraph
 from fqat_tf import defaults, int8_storage, rundir
+from fqat_tf.errors import UserError
 
 FLAG_KEYS = ("dataset", "data_dir", "test_domains", "seed", "holdout_fraction",
              "batch_per_domain")
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """Bad input to the exporter (a path, a flag, a model it cannot convert)."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from fqat_tf import methods
 from fqat_tf import rundir
 from fqat_tf.data import registry
+from fqat_tf.errors import UserError
 
 ERRORS = {"std": "population standard deviation over seeds (numpy ddof=0)",
           "sem": "standard error over seeds (population std / sqrt(n), DomainBed's "
@@ -37,7 +38,7 @@ _REQUIRED = ("dataset", "method", "quantizer", "weight_bits", "activation_bits",
              "seed", "hparams", "test", "val_avg")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Input the report cannot aggregate: no runs, mixed datasets, conflicting duplicates."""
 
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 from absl import logging
 
 from fqat_tf import calibration, data, models, rundir
+from fqat_tf.errors import UserError
 from fqat_tf.ewgs import EWGSDeltaCallback
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback
@@ -33,7 +34,7 @@ RESUMABLE_KEYS = ("output_dir", "erm_cache_dir", "verbose", "eval_batch_size", "
                   "strategy", "deterministic")
 
 
-class RunError(RuntimeError):
+class RunError(UserError):
     """A run directory that cannot be used as asked (settings differ, files missing)."""
 
 

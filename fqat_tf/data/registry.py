@@ -10,9 +10,10 @@ import dataclasses
 from typing import Optional, Tuple
 
 from fqat_tf import defaults
+from fqat_tf.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data or a bad data argument, found before any training starts."""
 
 
