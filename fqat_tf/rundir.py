@@ -8,11 +8,21 @@ A run directory (one `python -m fqat_tf.train` invocation, one stage) holds:
     tb/                TensorBoard event files
     evals.jsonl        one JSON record per evaluation: {"step", "val/<d>", "test/<d>",
                        "val_avg", "test_avg"}
-    disorder.csv       step,variable,disorder,mask: one row per scale variable per freeze window
+    disorder.csv       step,variable,disorder,flat_disorder,mask: one row per scale variable per
+                       freeze window K: the gradient disorder of its g_va and of its g_flat over
+                       the window, and the mask decided at that step (1 = g_va flows)
+    gradients.csv      step,variable,g_va,g_flat,applied: one row per scale variable per window
+                       of N steps (N = --gradient_window, default K), each column the sum over
+                       the window's steps of that scale's global first-pass gradient g_va, its
+                       second-pass gradient g_flat and the gradient handed to its optimizer
+                       (for a per-channel step, summed over the channels too); `step` is the
+                       window's last step (paper Fig. 2, 4, 5)
     model.keras        the selected model (training-domain validation), fake-quant for QAT
     results.json       written last; its presence marks the run finished (see `write_results`)
     disorder.png       gradient disorder of every scale over training (paper Fig. 3)
     freeze_timeline.png  mask of every scale over training (paper Fig. 4)
+    gradients.png      cumulative g_va and g_flat of every scale (paper Fig. 2, 5)
+    run.lock           held (flock) by the process that trains the run, for its whole life
 
 `results.json` keys: "dataset", "method", "quantizer", "weight_bits", "activation_bits",
 "test_domains" (list), "seed", "hparams" (dict: lr, rho, alpha, freeze_interval,
@@ -35,6 +45,9 @@ MODEL = "model.keras"
 RESULTS = "results.json"
 DISORDER_PNG = "disorder.png"
 FREEZE_PNG = "freeze_timeline.png"
+GRADIENTS_CSV = "gradients.csv"
+GRADIENTS_PNG = "gradients.png"
+RUN_LOCK = "run.lock"
 
 
 def _umask():
