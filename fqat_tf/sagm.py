@@ -11,12 +11,13 @@ replica then perturbs identically. The combined gradients it returns are this re
 so the optimizer's own sum gives the global value without a second all-reduce of g.
 """
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
 
 from fqat_tf import defaults
+from fqat_tf.distribute import all_reduce_sum, assign, num_replicas, read_copies, replica_update
 
 
 @dataclasses.dataclass
@@ -32,6 +33,7 @@ class SAGMGradients:
         g_va: the first-pass scale gradients, summed over replicas (zeros where disconnected).
         va_share: this replica's share of g_va.
         flat_share: this replica's share of g_flat (zeros in one-pass mode).
+        g_flat: the second-pass scale gradients, summed over replicas (zeros in one-pass mode).
     """
     loss: tf.Tensor
     y_pred: object
@@ -40,69 +42,7 @@ class SAGMGradients:
     g_va: list
     va_share: list
     flat_share: list
-
-
-def num_replicas() -> int:
-    """Replicas taking part in the current step (1 outside a distribution strategy)."""
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def all_reduce_sum(values: Sequence[Optional[tf.Tensor]]) -> list:
-    """Sums tensors across replicas inside `strategy.run`; returns them unchanged otherwise.
-
-    Args:
-        values: tensors (None entries are passed through).
-
-    Returns:
-        A list aligned with `values`.
-    """
-    values = list(values)
-    context = tf.distribute.get_replica_context()
-    present = [i for i, v in enumerate(values) if v is not None]
-    if num_replicas() == 1 or context is None or not present:
-        return values
-    reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in present])
-    for i, value in zip(present, reduced):
-        values[i] = value
-    return values
-
-
-def replica_update(variables: Sequence, fn: Callable, *args: Sequence) -> None:
-    """Runs `fn(variable, *args_i)` on every copy of each variable, from any context.
-
-    Keras variables default to `aggregation="none"`, which forbids a plain `assign` on a mirrored
-    variable inside a replica; this goes through the strategy's `update`, as Keras optimizers do.
-    Callers pass values that are equal on every replica.
-
-    Args:
-        variables: Keras or TF variables.
-        fn: called as `fn(tf_variable, *values)`; performs the update.
-        *args: sequences aligned with `variables`, one value per variable each.
-    """
-    variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
-    per_var = [tuple(a[i] for a in args) for i in range(len(variables))]
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-        for var, values in zip(variables, per_var):
-            fn(var, *values)
-        return
-
-    def merge_fn(distribution, per_var):
-        for var, values in zip(variables, per_var):
-            distribution.extended.update(var, fn, args=values, group=False)
-
-    tf.__internal__.distribute.interim.maybe_merge_call(
-        merge_fn, tf.distribute.get_strategy(), per_var)
-
-
-def _assign(var, value):
-    var.assign(value)
-
-
-def _read(variables: Sequence) -> list:
-    # A read tensor keeps its value when the variable is later assigned (copy on write), so it
-    # is an exact saved copy.
-    return [tf.identity(v.value) if isinstance(v, keras.Variable) else tf.identity(v)
-            for v in variables]
+    g_flat: list
 
 
 def _zeros_like_vars(grads, variables):
@@ -165,21 +105,22 @@ def sagm_gradients(model: keras.Model, x, loss_fn: Callable, theta: Sequence,
 
     if not two_pass:
         g_va = all_reduce_sum(va_local)
+        zeros = [tf.zeros_like(v) for v in va_local]
         return SAGMGradients(loss, y_pred, g_local, list(va_local), g_va, list(va_local),
-                             [tf.zeros_like(v) for v in va_local])
+                             zeros, zeros)
 
     reduced = all_reduce_sum(g_local + va_local)
     g, g_va = reduced[:n_theta], reduced[n_theta:]
     coeff = rho / (_global_norm(g) + eps) - alpha
-    saved = _read(theta)
+    saved = read_copies(theta)
     perturbed = [w if gi is None else w + tf.cast(coeff, w.dtype) * gi
                  for w, gi in zip(saved, g)]
-    replica_update(theta, _assign, perturbed)
+    replica_update(theta, assign, perturbed)
     state = list(model.non_trainable_variables) if training else []
-    state_saved = _read(state)
+    state_saved = read_copies(state)
 
     _, _, grads_p = _forward_and_grads(model, x, loss_fn, theta + scales, training)
-    replica_update(theta + state, _assign, saved + state_saved)
+    replica_update(theta + state, assign, saved + state_saved)
 
     g_p, flat_share = grads_p[:n_theta], _zeros_like_vars(grads_p[n_theta:], scales)
     va_share = [v / replicas for v in g_va] if replicas > 1 else list(g_va)
@@ -200,4 +141,5 @@ def sagm_gradients(model: keras.Model, x, loss_fn: Callable, theta: Sequence,
                                num=len(scales))
     scale_grads = [(tf.cast(m, va.dtype) * va + fl) * 0.5
                    for m, va, fl in zip(mask_list, va_share, flat_share)]
-    return SAGMGradients(loss, y_pred, theta_grads, scale_grads, g_va, va_share, flat_share)
+    return SAGMGradients(loss, y_pred, theta_grads, scale_grads, g_va, va_share, flat_share,
+                         all_reduce_sum(flat_share))
