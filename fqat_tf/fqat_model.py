@@ -15,6 +15,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from fqat_tf import defaults
 from fqat_tf import freeze
 from fqat_tf import methods
+from fqat_tf import distribute
 from fqat_tf import quantize
 from fqat_tf import sagm
 
@@ -46,7 +47,7 @@ def _all_finite(loss, *grad_lists):
                for grads in grad_lists for g in grads if g is not None]
     bad = tf.cast(tf.logical_not(tf.reduce_all(tf.stack(checks))), tf.float32)
     # Every replica must take the same branch, or the optimizer's all-reduce would hang.
-    return tf.equal(sagm.all_reduce_sum([bad])[0], 0.0)
+    return tf.equal(distribute.all_reduce_sum([bad])[0], 0.0)
 
 
 def _run_if(pred, true_fn, false_fn, args):
@@ -72,9 +73,14 @@ class FQATModel(keras.Model):
 
     Both passes call the model with `training=not freeze_bn`; with frozen BN (the default)
     statistics never change, and the second pass never changes any state in either mode.
-    Masks are read inside the compiled step; `DisorderFreezeCallback` updates them every K
-    steps. A step whose loss or gradients are not finite applies nothing and stops training
-    with a `FloatingPointError`, so no checkpoint callback ever sees NaN weights.
+    Masks are read inside the compiled step, and the step itself takes the freeze decision
+    every K steps once `DisorderFreezeCallback` has set K and r. Weight decay is coupled L2 as
+    in the reference code (torch `Adam(weight_decay=wd)`): `wd * theta` is added to the final
+    combined gradient of theta before the optimizer, never to the perturbation or the scales
+    (docs/algorithm.md §2); pass `weight_decay=0` and an optimizer with its own (decoupled)
+    decay for the other form. A step whose loss or gradients are not finite applies nothing
+    and stops training with a `FloatingPointError`, so no checkpoint callback ever sees NaN
+    weights.
 
     Args:
         qmodel: a built Keras model, normally `fqat_tf.quantize_model(...)` output.
@@ -82,24 +88,31 @@ class FQATModel(keras.Model):
         rho: SAM radius.
         alpha: SAGM alpha (0.0005 for DomainNet).
         scale_vars: the scale variables; None means `fqat_tf.scale_variables(qmodel)`.
-        freeze_interval: K, the length of the sign window held per scale.
+        freeze_interval: K, the largest freeze interval (the callback's default).
         freeze_bn: run BN (and every layer) in inference mode in both passes.
-        record_signs: record sign(g_va) every step; None means when the method has a mask
-            rule. Recording for other methods lets the callback log their disorder.
+        record_signs: count the sign flips of g_va every step; None means when the method has
+            a mask rule. Recording for other methods lets the callback log their disorder.
+        weight_decay: coupled L2 coefficient on theta (0 = none).
+        track_scale_gradients: accumulate, per scale, the sums of g_va, g_flat and the applied
+            gradient in `scale_gradient_sums` ([3, n]; read and reset by the caller).
         **kwargs: passed to `keras.Model`.
     """
 
     def __init__(self, qmodel, method=defaults.METHOD, rho=defaults.RHO, alpha=defaults.ALPHA,
                  *, scale_vars=None, freeze_interval=defaults.FREEZE_INTERVAL,
-                 freeze_bn=defaults.FREEZE_BN, record_signs=None, **kwargs):
+                 freeze_bn=defaults.FREEZE_BN, record_signs=None, weight_decay=0.0,
+                 track_scale_gradients=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(qmodel, keras.Model) or not qmodel.built:
             raise ValueError(f"FQATModel needs a built keras.Model; got {qmodel!r}")
         if not (np.isfinite(rho) and rho >= 0 and np.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"FQATModel needs finite rho >= 0 and alpha >= 0; "
                              f"got rho={rho!r}, alpha={alpha!r}")
+        if not (np.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"FQATModel needs a finite weight_decay >= 0; got {weight_decay!r}")
         self.method = methods.get(method)
         self.rho, self.alpha, self.freeze_bn = float(rho), float(alpha), bool(freeze_bn)
+        self.weight_decay = float(weight_decay)
         self.freeze_interval = int(freeze_interval)
         self.qmodel = qmodel
         scales = list(quantize.scale_variables(qmodel) if scale_vars is None else scale_vars)
@@ -120,9 +133,14 @@ class FQATModel(keras.Model):
         self._vars = _Variables([v for v in trainable if id(v) not in scale_ids], scales)
         self.record_signs = (self.method.mask_rule is not None if record_signs is None
                              else bool(record_signs))
-        self.freeze_state = freeze.FreezeState(scales, self.freeze_interval)
+        self.freeze_state = freeze.FreezeState(
+            scales, self.freeze_interval, track_flat=self.record_signs and self.method.two_pass,
+            rule=self.method.mask_rule)
         self.nonfinite_steps = self.add_weight(shape=(), initializer="zeros", dtype="int64",
                                                trainable=False, name="nonfinite_steps")
+        self.scale_gradient_sums = self.add_weight(
+            shape=(3, len(scales)), initializer="zeros", dtype="float32", trainable=False,
+            name="scale_gradient_sums") if track_scale_gradients and scales else None
         self.scale_optimizer = None
         self.built = True
 
@@ -204,31 +222,52 @@ class FQATModel(keras.Model):
         scale_grads = self.method.scale_gradients(grads, step)
         finite = _all_finite(grads.loss, grads.theta_grads, scale_grads)
         _run_if(finite, self._apply, self._count_nonfinite,
-                (list(grads.theta_grads), list(scale_grads), list(grads.g_va)))
+                (list(grads.theta_grads), list(scale_grads), list(grads.g_va),
+                 list(grads.g_flat), self._scale_gradient_stats(grads, scale_grads)))
         logs = self.compute_metrics(x, y, grads.y_pred, sample_weight=sample_weight)
         logs["frozen"] = self.freeze_state.frozen_fraction()
         return logs
 
-    def _apply(self, theta_grads, scale_grads, g_va):
+    def _scale_gradient_stats(self, grads, scale_grads):
+        """[3, n]: per scale, the sum of g_va, of g_flat and of the gradient that moves it."""
+        if self.scale_gradient_sums is None:
+            return None
+        applied = distribute.all_reduce_sum(scale_grads)
+        if self.method.hold_frozen:
+            frozen = tf.equal(tf.convert_to_tensor(self.freeze_state.masks), 0.0)
+            applied = [tf.where(frozen[i], tf.zeros_like(a), a) for i, a in enumerate(applied)]
+        return tf.stack([tf.stack([tf.reduce_sum(tf.cast(t, tf.float32)) for t in part])
+                         for part in (grads.g_va, grads.g_flat, applied)])
+
+    def _apply(self, theta_grads, scale_grads, g_va, g_flat, stats):
         pairs = [(g, v) for g, v in zip(theta_grads, self._vars.theta) if g is not None]
-        self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+        grads = [g for g, _ in pairs]
+        if self.weight_decay:
+            # Each replica adds its share; the optimizer's sum over replicas gives wd * theta.
+            share = self.weight_decay / distribute.num_replicas()
+            grads = [g + tf.cast(share, g.dtype) * tf.cast(v, g.dtype) for g, (_, v) in
+                     zip(grads, pairs)]
+        self.optimizer.apply(grads, [v for _, v in pairs])
         scales = self._vars.scales
         if scales:
             held = scales + [s for slots in self._vars.held_slots for s in slots]
             if self.method.hold_frozen:
-                before = sagm._read(held)
+                before = distribute.read_copies(held)
                 frozen = tf.equal(tf.convert_to_tensor(self.freeze_state.masks), 0.0)
             self.scale_optimizer.apply(scale_grads, scales)
             if self.method.hold_frozen:
                 n = len(scales)
                 keep = [frozen[i % n] for i in range(len(held))]
-                after = sagm._read(held)
-                sagm.replica_update(held, lambda v, k, b, a: v.assign(tf.where(k, b, a)),
-                                    keep, before, after)
-        self.freeze_state.record(g_va, self.record_signs)
+                after = distribute.read_copies(held)
+                distribute.replica_update(held, lambda v, k, b, a: v.assign(tf.where(k, b, a)),
+                                          keep, before, after)
+        if stats is not None:
+            distribute.replica_update([self.scale_gradient_sums], lambda v, d: v.assign_add(d),
+                                      [stats])
+        self.freeze_state.record(g_va, self.record_signs, g_flat=g_flat)
 
     def _count_nonfinite(self):
-        sagm.replica_update([self.nonfinite_steps], lambda v, d: v.assign_add(d),
+        distribute.replica_update([self.nonfinite_steps], lambda v, d: v.assign_add(d),
                             [tf.constant(1, tf.int64)])
 
     def make_train_function(self, force=False):

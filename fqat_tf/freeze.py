@@ -1,9 +1,9 @@
-"""Gradient disorder and adaptive freezing (paper Def. 4.1, §4.3, Algorithm 1; ALGORITHM.md §3).
+"""Gradient disorder and adaptive freezing (paper Def. 4.1, §4.3, Algorithm 1; docs/algorithm.md §3).
 
-Freezing is data, not `.trainable` flips: `FreezeState` holds one mask entry and a bounded
-sign-history window per scale variable as non-trainable variables, so the compiled step reads
-them and checkpoints carry them. The step records sign(g_va) into the window every step;
-`DisorderFreezeCallback` turns the window into disorders and masks every K steps.
+Freezing is data, not `.trainable` flips: `FreezeState` holds one mask entry per scale variable
+and the window's sign-flip counts as non-trainable variables, so the compiled step reads them
+and checkpoints carry them. The step counts the sign flips of g_va every step and, every K
+steps, takes the freeze decision itself; `DisorderFreezeCallback` sets K and r and logs.
 """
 import math
 import os
@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from fqat_tf import defaults
-from fqat_tf import sagm
+from fqat_tf import distribute
 
 
 def gradient_disorder(signs) -> float:
@@ -38,22 +38,31 @@ def gradient_disorder(signs) -> float:
     return float(np.mean(signs[1:] != signs[:-1]))
 
 
-# Mask rules: (disorders, threshold r, current masks) -> new masks; 1 = g_va flows.
+# Mask rules: (disorders, threshold r, current masks) -> new masks; 1 = g_va flows. They run
+# inside the compiled step on tensors, and on numpy arrays in tests and analyses.
+def _as_float(flags):
+    return tf.cast(flags, tf.float32) if tf.is_tensor(flags) else np.asarray(flags, np.float32)
+
+
+def _array(values):
+    return values if tf.is_tensor(values) else np.asarray(values)
+
+
 def fqat_rule(disorder, threshold, masks):
     """FQAT (Algorithm 1): freeze g_va where the disorder is below r, unfreeze elsewhere."""
     del masks
-    return (np.asarray(disorder) >= threshold).astype(np.float32)
+    return _as_float(_array(disorder) >= threshold)
 
 
 def reverse_rule(disorder, threshold, masks):
     """Ablation `reverse`: freeze where the disorder is above r."""
     del masks
-    return (np.asarray(disorder) <= threshold).astype(np.float32)
+    return _as_float(_array(disorder) <= threshold)
 
 
 def no_unfreeze_rule(disorder, threshold, masks):
     """Ablation `no_unfreeze`: as FQAT, but a frozen scale stays frozen to the end."""
-    return (np.asarray(masks) * (np.asarray(disorder) >= threshold)).astype(np.float32)
+    return _array(masks) * _as_float(_array(disorder) >= threshold)
 
 
 # TensorBoard's scalar plugin metadata, written by core TF so the `tensorboard` package (which
@@ -68,92 +77,181 @@ def _scalar(tag, value, step):
                      metadata=_SCALAR_METADATA)
 
 
-def _scatter_row(window, pos, row):
-    window.scatter_nd_update(tf.reshape(pos, [1, 1]), tf.expand_dims(row, 0))
-
-
 class FreezeState(keras.layers.Layer):
-    """Masks, sign windows and counters of the scale variables, as non-trainable variables.
+    """Masks and disorder bookkeeping of the scale variables, as non-trainable variables.
 
-    Variables: `masks` [n] float32 (all 1 at start), `windows[i]` [K, *scale_i.shape] int8 ring
-    buffers of sign(g_va), `count` (signs recorded since the window last restarted) and `step`
-    (steps applied). Memory is O(K x scale elements).
+    The compiled step calls `record` every step with the global g_va (and g_flat); the
+    disorder of each scale over the current window is counted incrementally (one previous sign
+    and one flip count per element), so memory is O(scale elements) whatever K is. Once
+    `configure` has set an interval K, the step itself takes the freeze decision when the
+    window holds K signs (after steps K, 2K, ... of the stage): disorders, then the method's
+    mask rule, then a fresh window. Decisions are therefore exact under any
+    `steps_per_execution`, XLA, distribution strategy and resume (docs/algorithm.md §3).
+
+    Variables: `masks` [n] (1 = g_va flows; all 1 at start), per scale `prev_<i>` and
+    `flips_<i>` (and `flat_prev_<i>`, `flat_flips_<i>` when g_flat is tracked), `count` (signs
+    in the current window), `step` (steps applied), `interval` (K; 0 = no decisions),
+    `threshold` (r), `disorder` and `flat_disorder` [n] (of the last decision), `decisions`
+    (decisions taken) and `decision_step` (the step of the last one).
 
     Args:
-        scales: the scale variables, fixing n and the window shapes.
-        window: K, the number of steps a window holds.
+        scales: the scale variables, fixing n and the element shapes.
+        window: the largest K `configure` accepts (the model's freeze_interval).
+        track_flat: also count the disorder of g_flat (paper Fig. 3).
+        rule: the method's mask rule `(disorders, r, masks) -> masks`, or None (disorders are
+            still computed and logged).
     """
 
-    def __init__(self, scales, window=defaults.FREEZE_INTERVAL, name="freeze_state", **kwargs):
+    def __init__(self, scales, window=defaults.FREEZE_INTERVAL, track_flat=False, rule=None,
+                 name="freeze_state", **kwargs):
         super().__init__(name=name, **kwargs)
+        self.rule = rule
         if int(window) != window or window < 2:
             raise ValueError(f"freeze window K must be an integer >= 2; got {window!r}")
         self.window = int(window)
+        self.track_flat = bool(track_flat)
         self.scale_names = [getattr(s, "path", s.name) for s in scales]
-        self.masks = self.add_weight(shape=(len(scales),), initializer="ones", dtype="float32",
-                                     trainable=False, name="masks")
-        self.windows = [
-            self.add_weight(shape=(self.window,) + tuple(s.shape), initializer="zeros",
-                            dtype="int8", trainable=False, name=f"signs_{i}")
-            for i, s in enumerate(scales)]
-        self.count = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                     trainable=False, name="count")
-        self.step = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                    trainable=False, name="step")
+        n = len(scales)
+
+        def weight(name, shape, dtype="float32", init="zeros"):
+            return self.add_weight(shape=shape, initializer=init, dtype=dtype, trainable=False,
+                                   name=name)
+
+        self.masks = weight("masks", (n,), init="ones")
+        shapes = [tuple(s.shape) for s in scales]
+        self.prev = [weight(f"prev_{i}", sh) for i, sh in enumerate(shapes)]
+        self.flips = [weight(f"flips_{i}", sh) for i, sh in enumerate(shapes)]
+        self.flat_prev = [weight(f"flat_prev_{i}", sh) for i, sh in enumerate(shapes)
+                          ] if self.track_flat else []
+        self.flat_flips = [weight(f"flat_flips_{i}", sh) for i, sh in enumerate(shapes)
+                           ] if self.track_flat else []
+        self.count = weight("count", (), "int64")
+        self.step = weight("step", (), "int64")
+        self.interval = weight("interval", (), "int64")
+        self.threshold = weight("threshold", (), init=keras.initializers.Constant(
+            defaults.FREEZE_THRESHOLD))
+        self.disorder = weight("disorder", (n,))
+        self.flat_disorder = weight("flat_disorder", (n,))
+        self.decisions = weight("decisions", (), "int64")
+        self.decision_step = weight("decision_step", (), "int64")
         self.built = True
 
-    def record(self, g_va, record_signs=True):
-        """In-graph: stores sign(g_va) at the ring position and advances the counters.
+    @property
+    def num_scales(self):
+        return len(self.scale_names)
+
+    def configure(self, interval, threshold):
+        """Eager: take decisions every `interval` steps with threshold r from now on."""
+        if int(interval) != interval or not 2 <= interval <= self.window:
+            raise ValueError(f"freeze interval K={interval!r} must be an integer in "
+                             f"2..{self.window} (the model's freeze_interval)")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"freeze threshold r={threshold!r} must be in [0, 1]")
+        self.interval.assign(int(interval))
+        self.threshold.assign(float(threshold))
+
+    @staticmethod
+    def _count_flips(prev_vars, flip_vars, grads, first):
+        """The new signs, and each element's flip count plus 1[sign != previous sign] (nothing
+        for a window's first sign)."""
+        signs = [tf.sign(tf.cast(g, tf.float32)) for g in grads]
+        flips = [tf.convert_to_tensor(f) + tf.where(first, 0.0, tf.cast(tf.not_equal(s, p),
+                                                                         tf.float32))
+                 for f, s, p in zip(flip_vars, signs, prev_vars)]
+        return signs, flips
+
+    def record(self, g_va, record_signs=True, g_flat=None):
+        """In-graph: counts sign flips of g_va (and g_flat), advances the counters and, at the
+        end of a window of K signs, takes the freeze decision.
 
         Args:
             g_va: the global first-pass scale gradients, one per scale.
-            record_signs: False only advances `step`.
+            record_signs: False only advances `step` (methods that log no disorder).
+            g_flat: the global second-pass scale gradients (used when `track_flat`).
         """
-        if record_signs and self.windows:
-            pos = tf.math.floormod(tf.convert_to_tensor(self.count), self.window)
-            rows = [tf.cast(tf.sign(g), tf.int8) for g in g_va]
-            sagm.replica_update(self.windows, _scatter_row, [pos] * len(rows), rows)
-            sagm.replica_update([self.count], lambda v, d: v.assign_add(d),
-                                [tf.constant(1, tf.int64)])
-        sagm.replica_update([self.step], lambda v, d: v.assign_add(d), [tf.constant(1, tf.int64)])
+        one = tf.constant(1, tf.int64)
+        if not (record_signs and self.prev):
+            distribute.replica_update([self.step], lambda v, d: v.assign_add(d), [one])
+            return
+        count = tf.convert_to_tensor(self.count)
+        first = tf.equal(count, 0)
+        track_flat = self.track_flat and g_flat is not None
+        signs, flips = self._count_flips(self.prev, self.flips, g_va, first)
+        flat_signs, flat_flips = (self._count_flips(self.flat_prev, self.flat_flips, g_flat, first)
+                                  if track_flat else ([], []))
+        count = count + 1
+        step = tf.convert_to_tensor(self.step) + 1
+        interval = tf.convert_to_tensor(self.interval)
+        decide = tf.logical_and(interval > 0, count >= interval)
+        pairs = tf.cast(tf.maximum(count - 1, 1), tf.float32)
+        disorder = tf.stack([tf.reduce_mean(f) for f in flips]) / pairs
+        masks = tf.convert_to_tensor(self.masks)
+        if self.rule is not None:
+            masks = tf.where(decide, self.rule(disorder, tf.convert_to_tensor(self.threshold),
+                                               masks), masks)
+        scalars = [self.masks, self.disorder, self.count, self.step, self.decisions,
+                   self.decision_step]
+        values = [masks, tf.where(decide, disorder, tf.convert_to_tensor(self.disorder)),
+                  tf.where(decide, tf.zeros_like(count), count), step,
+                  tf.convert_to_tensor(self.decisions) + tf.cast(decide, tf.int64),
+                  tf.where(decide, step, tf.convert_to_tensor(self.decision_step))]
+        flat_vars = self.flat_prev + self.flat_flips if track_flat else []
+        if track_flat:
+            flat = tf.stack([tf.reduce_mean(f) for f in flat_flips]) / pairs
+            scalars.append(self.flat_disorder)
+            values.append(tf.where(decide, flat, tf.convert_to_tensor(self.flat_disorder)))
+        # A new window starts with no flips counted.
+        new_flips = [tf.where(decide, tf.zeros_like(f), f) for f in flips + flat_flips]
+        distribute.replica_update(
+            scalars + self.prev + self.flips + flat_vars, distribute.assign,
+            values + signs + new_flips[:len(flips)] + flat_signs + new_flips[len(flips):])
 
-    def last_signs(self, length):
-        """Eager: the last `length` recorded signs of every scale, oldest first."""
+    def window_disorder(self):
+        """Eager: the disorder of each scale's g_va over the signs recorded so far in the
+        current window (NaN before two signs)."""
         count = int(self.count.numpy())
-        if length > self.window or length > count:
-            raise ValueError(f"asked for {length} signs; window K={self.window} holds "
-                             f"{min(count, self.window)}")
-        order = np.arange(count - length, count) % self.window
-        return [w.numpy()[order] for w in self.windows]
-
-    def restart_window(self):
-        """Eager: forget the recorded signs (the ring is overwritten from position 0)."""
-        self.count.assign(0)
+        if count < 2:
+            return np.full(self.num_scales, np.nan, np.float32)
+        return np.array([f.numpy().mean() / (count - 1) for f in self.flips], np.float32)
 
     def frozen_fraction(self):
         """In-graph: the fraction of scale variables whose mask is 0."""
-        if not self.windows:
+        if not self.prev:
             return tf.constant(0.0)
         return 1.0 - tf.reduce_mean(tf.convert_to_tensor(self.masks))
 
+    def decision(self):
+        """Eager: the last decision as a record {"step", "disorder", "flat_disorder", "mask"}
+        (dicts keyed by scale name; flat_disorder empty unless g_flat is tracked)."""
+        names = self.scale_names
+        return {"step": int(self.decision_step.numpy()),
+                "disorder": dict(zip(names, self.disorder.numpy().tolist())),
+                "flat_disorder": (dict(zip(names, self.flat_disorder.numpy().tolist()))
+                                  if self.track_flat else {}),
+                "mask": dict(zip(names, self.masks.numpy().tolist()))}
+
 
 class DisorderFreezeCallback(keras.callbacks.Callback):
-    """Every `interval` steps: disorder of each scale's g_va window, then the method's mask rule.
+    """Sets the freeze interval K and threshold r of an `FQATModel`, and logs its decisions.
 
-    The method's rule (fqat, freeze_both, no_unfreeze, reverse) sets the masks for the next
-    `interval` steps and the window restarts. Methods without a rule (lsq_sagm, alter, ...) keep
-    their masks; their disorders are still computed and logged when the model records signs.
+    The decisions themselves are taken inside the compiled step (`FreezeState.record`): every
+    K steps the disorder of each scale's g_va over the window, then the method's mask rule
+    (fqat, freeze_both, no_unfreeze, reverse), which sets the masks for the next K steps.
+    Methods without a rule (lsq_sagm, alter, ...) keep their masks; their disorders are still
+    computed and logged when the model records signs.
 
-    Logged: per scale `disorder/<scale path>` and `mask/<scale path>` appended to the History
-    at every epoch end (NaN before the first window closes), `self.records` (one dict per
-    window), and TensorBoard scalars under `log_dir` when given.
+    Logged at the end of each batch in which a decision was taken: `self.records` (one dict per
+    decision: step, disorder, flat_disorder, mask), per scale `disorder/<scale path>` and
+    `mask/<scale path>` TensorBoard scalars under `log_dir`, and at every epoch end the same
+    values appended to the History (NaN before the first decision). With
+    `steps_per_execution` > K only the last decision of an execution is logged; the masks are
+    exact in any case.
 
     Args:
-        interval: K; None uses the model's `freeze_interval`. Must not exceed the window the
-            model was built with.
+        interval: K; None uses the model's `freeze_interval`. Must not exceed it.
         threshold: r.
         log_dir: TensorBoard directory, or None.
-        verbose: 1 prints the frozen scales at each update.
+        verbose: 1 prints the frozen scales at each decision.
     """
 
     def __init__(self, interval=None, threshold=defaults.FREEZE_THRESHOLD, log_dir=None,
@@ -171,7 +269,7 @@ class DisorderFreezeCallback(keras.callbacks.Callback):
         self.verbose = verbose
         self.records = []
         self._writer = None
-        self._last_disorder = None
+        self._seen = 0
 
     def _state(self):
         state = getattr(self.model, "freeze_state", None)
@@ -186,53 +284,50 @@ class DisorderFreezeCallback(keras.callbacks.Callback):
         if interval > state.window:
             raise ValueError(f"DisorderFreezeCallback interval={interval} exceeds the model's "
                              f"freeze_interval={state.window} (the sign window size)")
-        self._interval = int(interval)
+        state.configure(interval, self.threshold)
+        self._seen = int(state.decisions.numpy())
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(os.fspath(self.log_dir))
 
     def on_train_batch_end(self, batch, logs=None):
         state = self._state()
-        if state.windows and int(state.count.numpy()) >= self._interval:
-            self.update()
-
-    def update(self):
-        """Computes the disorders, applies the mask rule and restarts the window (eager)."""
-        state = self._state()
-        signs = state.last_signs(self._interval)
-        disorder = np.array([gradient_disorder(s) for s in signs], dtype=np.float32)
-        masks = state.masks.numpy()
-        rule = self.model.method.mask_rule
-        if rule is not None:
-            masks = np.asarray(rule(disorder, self.threshold, masks), dtype=np.float32)
-            state.masks.assign(masks)
-        state.restart_window()
-        step = int(state.step.numpy())
-        self._last_disorder = disorder
-        self.records.append({"step": step, "disorder": dict(zip(state.scale_names, disorder)),
-                             "mask": dict(zip(state.scale_names, masks))})
+        decisions = int(state.decisions.numpy())
+        if decisions == self._seen:
+            return
+        self._seen = decisions
+        record = state.decision()
+        self.records.append(record)
         if self.verbose:
-            frozen = [n for n, m in zip(state.scale_names, masks) if m == 0]
-            print(f"\nstep {step}: {len(frozen)}/{len(masks)} scales frozen {frozen}")
+            frozen = [n for n, m in record["mask"].items() if m == 0]
+            print(f"\nstep {record['step']}: {len(frozen)}/{state.num_scales} scales frozen "
+                  f"{frozen}")
         if self._writer is not None:
-            with self._writer.as_default():
-                for name, d, m in zip(state.scale_names, disorder, masks):
-                    _scalar(f"disorder/{name}", d, step)
-                    _scalar(f"mask/{name}", m, step)
-                _scalar("frozen_fraction", 1.0 - float(np.mean(masks)), step)
-            self._writer.flush()
+            self._log(record)
+
+    def _log(self, record):
+        step = record["step"]
+        with self._writer.as_default():
+            for name, d in record["disorder"].items():
+                _scalar(f"disorder/{name}", d, step)
+                _scalar(f"mask/{name}", record["mask"][name], step)
+            for name, d in record["flat_disorder"].items():
+                _scalar(f"flat_disorder/{name}", d, step)
+            _scalar("frozen_fraction", 1.0 - float(np.mean(list(record["mask"].values()))),
+                    step)
+        self._writer.flush()
 
     def on_epoch_end(self, epoch, logs=None):
         # Written into the History directly: one key per scale in `logs` would flood the
         # progress bar.
         history = getattr(self.model, "history", None)
         state = self._state()
-        if not isinstance(history, keras.callbacks.History) or not state.windows:
+        if not isinstance(history, keras.callbacks.History) or not state.prev:
             return
-        masks = state.masks.numpy()
+        last = self.records[-1] if self.records else None
         for i, name in enumerate(state.scale_names):
-            d = math.nan if self._last_disorder is None else float(self._last_disorder[i])
+            d = math.nan if last is None else float(last["disorder"][name])
             history.history.setdefault(f"disorder/{name}", []).append(d)
-            history.history.setdefault(f"mask/{name}", []).append(float(masks[i]))
+            history.history.setdefault(f"mask/{name}", []).append(float(state.masks[i].numpy()))
 
     def on_train_end(self, logs=None):
         if self._writer is not None:

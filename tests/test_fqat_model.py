@@ -241,7 +241,7 @@ def test_real_quantized_model_end_to_end():
     model = FQATModel(qmodel, "fqat", freeze_interval=2)
     scales = fqat_tf.scale_variables(qmodel)
     assert [id(v) for v in model.scale_variables] == [id(v) for v in scales]
-    assert [w.shape[1:] for w in model.freeze_state.windows] == [tuple(s.shape) for s in scales]
+    assert [tuple(f.shape) for f in model.freeze_state.flips] == [tuple(s.shape) for s in scales]
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   scale_optimizer=keras.optimizers.Adam(1e-3), loss=CE)
     x = RNG.randn(16, 8, 8, 3).astype("float32")

@@ -80,21 +80,20 @@ def _model(method, window, **kwargs):
     return model
 
 
-def test_ring_window_returns_last_signs_in_order():
+def test_flip_counts_give_the_window_disorder():
     state = _model("fqat", 4).freeze_state
-    seq = [1, -1, -1, 1, 1, 1, -1]
-    for v in seq:
-        state.record([tf.constant(float(v)), tf.constant(-float(v))])
-    assert int(state.count.numpy()) == 7 and int(state.step.numpy()) == 7
-    first, second = state.last_signs(4)
-    np.testing.assert_array_equal(first, [1, 1, 1, -1])
-    np.testing.assert_array_equal(second, [-1, -1, -1, 1])
-    np.testing.assert_array_equal(state.last_signs(2)[0], [1, -1])
-    with pytest.raises(ValueError, match="window K=4"):
-        state.last_signs(5)
-    state.restart_window()
-    with pytest.raises(ValueError, match="holds 0"):
-        state.last_signs(2)
+    seq = [1, -1, -1, 1, 1, 1, -1, 0]
+    for i, v in enumerate(seq):
+        state.record([tf.constant(float(v)), tf.constant(2.0)])
+        # Without a configured interval no decision is taken: one window grows.
+        np.testing.assert_allclose(
+            state.window_disorder(),
+            [freeze.gradient_disorder(seq[:i + 1]), 0.0] if i else [np.nan, np.nan])
+    assert int(state.count.numpy()) == 8 and int(state.step.numpy()) == 8
+    assert int(state.decisions.numpy()) == 0
+    np.testing.assert_array_equal(state.masks.numpy(), [1, 1])
+    with pytest.raises(ValueError, match="2..4"):
+        state.configure(5, 0.3)
 
 
 @pytest.mark.parametrize("method,expected", [
