@@ -66,6 +66,9 @@ class EWGSDeltaCallback(keras.callbacks.Callback):
       interval: steps between refreshes.
       num_samples: Hutchinson probes per refresh.
       seed: probe seed (each refresh offsets it by its step).
+
+    Steps are counted by the model's own step counter when it has one (`FQATModel`), so a
+    resumed run refreshes at the same steps, with the same probes, as an uninterrupted one.
     """
 
     def __init__(self, batch, interval=defaults.EWGS_HESSIAN_INTERVAL,
@@ -81,16 +84,22 @@ class EWGSDeltaCallback(keras.callbacks.Callback):
         self.history = []
         self._steps = 0
 
+    def _step(self):
+        state = getattr(self.model, "freeze_state", None)
+        return self._steps if state is None else int(state.step.numpy())
+
     def _refresh(self):
         qmodel = getattr(self.model, "qmodel", self.model)
+        step = self._step()
         deltas = refresh_ewgs_deltas(qmodel, self.x, self.y, num_samples=self.num_samples,
-                                     seed=self.seed + self._steps)
-        self.history.append({"step": self._steps, "delta": deltas})
+                                     seed=self.seed + step)
+        self.history.append({"step": step, "delta": deltas})
 
     def on_train_begin(self, logs=None):
-        self._refresh()
+        if self._step() == 0:
+            self._refresh()
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
-        if self._steps % self.interval == 0:
+        if self._step() % self.interval == 0:
             self._refresh()
