@@ -10,6 +10,16 @@ For an integer TFLite model that matches the trained one, train the 8-bit storag
 `qmodel = export.storage.int8_storage_model(qmodel)`, then `calibrate_scales` and
 `fqat_tf.calibrate_ranges(qmodel, dataset)` before training (`fqat_tf.int8_storage`).
 """
+import sys
+
+if sys.argv[:1] == ["-m"]:
+    # Python is starting one of the package's programs (`python -m fqat_tf.<program>`; argv[0]
+    # is "-m" while the module is located): TensorFlow's C++ log level must be set before the
+    # imports below load TensorFlow.
+    from fqat_tf import cli as _cli
+
+    _cli.quiet_native_logging(sys.argv[1:])
+
 from fqat_tf.calibration import calibrate_ranges, calibrate_scales
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback, gradient_disorder

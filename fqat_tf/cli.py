@@ -16,18 +16,24 @@ import os
 import sys
 import traceback
 
+from absl import app
+
 from fqat_tf.errors import UserError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 VERBOSITIES = ("debug", "info", "warning", "error")
-DEFAULT_VERBOSITY = "warning"
+# info: the project's own messages and every warning; TensorFlow's and absl's own INFO lines
+# and native logs only with debug.
+DEFAULT_VERBOSITY = "info"
 # absl's own levels (its --verbosity flag takes integers).
 ABSL_LEVELS = {"debug": 1, "info": 0, "warning": -1, "error": -2}
-# TF_CPP_MIN_LOG_LEVEL: 0 everything, 1 no INFO, 2 no WARNING, 3 no ERROR.
-_TF_CPP_LEVELS = {"debug": "0", "info": "1", "warning": "2", "error": "3"}
+# TF_CPP_MIN_LOG_LEVEL: 0 everything, 1 no INFO, 2 no WARNING, 3 no ERROR. TensorFlow's C++
+# errors that matter reach Python as exceptions; the ones it only logs at start-up (a failed
+# cuInit on a machine without a GPU) are noise, so the default shows none.
+_TF_CPP_LEVELS = {"debug": "0", "info": "3", "warning": "3", "error": "3"}
 
 
-class UsageError(UserError):
+class UsageError(UserError, app.UsageError):
     """A command line that cannot be parsed or a flag value out of its range (exit 2)."""
 
 
@@ -38,33 +44,61 @@ def message(error):
     return str(error).strip() or type(error).__name__
 
 
-def configure_logging(verbosity=DEFAULT_VERBOSITY):
-    """Quiets TensorFlow's C++ and Python logging and absl's below `verbosity`.
+def quiet_native_logging(argv):
+    """Sets TensorFlow's C++ log level from the `--verbosity` in `argv`, before TF loads.
 
-    The C++ level is read when TensorFlow loads, so call this before importing it.
+    The package's `__init__` calls this when Python starts one of its programs (`python -m
+    fqat_tf.<program>`), because TensorFlow reads the level once, when it is imported.
+    A level already set in the environment is kept.
     """
+    verbosity = DEFAULT_VERBOSITY
+    for arg in argv:
+        if arg.startswith("--verbosity="):
+            value = arg.split("=", 1)[1]
+            names = {str(v): k for k, v in ABSL_LEVELS.items()}
+            verbosity = value if value in VERBOSITIES else names.get(value, "debug")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_CPP_LEVELS[verbosity])
-    if verbosity != "debug":
-        # XLA and the CUDA plugin log through absl's C++ logger before TF's own level applies.
-        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", _TF_CPP_LEVELS[verbosity])
+    if verbosity == "debug" or "tensorflow" in sys.modules:
+        return
+    # TensorFlow's native libraries log a few INFO lines while they load, before any log level
+    # applies (absl's pre-initialisation logging): the import runs with stderr closed. An import
+    # error still raises, and its traceback prints once stderr is back.
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def configure_logging(verbosity=DEFAULT_VERBOSITY):
+    """The project's messages at `verbosity`; TensorFlow's and absl's INFO only with debug."""
     level = getattr(logging, verbosity.upper())
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(ABSL_LEVELS[verbosity])
-    logging.getLogger("tensorflow").setLevel(level)
+    noisy = level if verbosity == "debug" else max(level, logging.WARNING)
+    for name in ("tensorflow", "absl", "keras"):
+        logging.getLogger(name).setLevel(noisy)
     logging.getLogger("fqat_tf").setLevel(level)
 
 
-def verbosity_from_argv(argv):
-    """The `--verbosity` value in `argv` (last one wins), or the default; names or absl ints."""
-    value = DEFAULT_VERBOSITY
-    for i, arg in enumerate(argv):
-        if arg.startswith("--verbosity="):
-            value = arg.split("=", 1)[1]
-        elif arg in ("--verbosity", "-v") and i + 1 < len(argv):
-            value = argv[i + 1]
-    by_int = {str(v): k for k, v in ABSL_LEVELS.items()}
-    return by_int.get(value, value if value in VERBOSITIES else DEFAULT_VERBOSITY)
+def verbosity_name(level):
+    """absl's integer verbosity as one of VERBOSITIES (debug for 1 and above)."""
+    level = int(level)
+    if level >= 1:
+        return "debug"
+    return {0: "info", -1: "warning"}.get(level, "error")
+
+
+def absl_argv(argv):
+    """`argv` with `--verbosity=<name>` given as absl's integer, which is all absl accepts."""
+    return [f"--verbosity={ABSL_LEVELS[a.split('=', 1)[1]]}"
+            if a.startswith("--verbosity=") and a.split("=", 1)[1] in ABSL_LEVELS else a
+            for a in argv]
 
 
 class ArgumentParser(argparse.ArgumentParser):

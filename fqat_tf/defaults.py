@@ -42,6 +42,10 @@ NORM_EPS = 1e-12
 FREEZE_BN = True             # BN runs on inference statistics in every pass
 LR = 3e-5                    # weights, from {1e-5, 3e-5, 5e-5}
 WEIGHT_DECAY = 1e-4          # 1e-6 for DomainNet
+# "coupled": L2 added to the final combined gradient of the weights before Adam's moments, as
+# torch.optim.Adam(weight_decay) in the reference code; "decoupled": Keras's AdamW-style decay,
+# which at the paper's lr and decay is below float32 resolution (docs/algorithm.md §2).
+WEIGHT_DECAY_MODE = "coupled"
 WEIGHT_DECAY_DOMAINNET = 1e-6
 SCALE_LR = 1e-5
 SCALE_WEIGHT_DECAY = 0.0
@@ -77,6 +81,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROTATED_MNIST_ANGLES = (0, 15, 30, 45, 60, 75)
 EVAL_EVERY = 300
+
+# --- Run directories (fqat_tf.trainer, fqat_tf.checkpoints) ---------------------------------
+CHECKPOINTS_KEPT = 2         # the previous one is the fallback when the latest is damaged
+# A run is reported diverged (warning, results.json "diverged") when the mean training loss of
+# an evaluation window exceeds its first window's by this factor, or when an evaluation after
+# the first has training-domain validation accuracy at most this factor / number of classes.
+DIVERGENCE_LOSS_FACTOR = 10.0
+DIVERGENCE_CHANCE_FACTOR = 1.25
 
 # --- Backbones and initialisation (fqat_tf.models) -------------------------------------------
 # torch's BatchNorm2d defaults (momentum 0.1 is 0.9 in Keras's convention), so converted torch

@@ -31,10 +31,14 @@ freeze_threshold, ...), "selection" (text naming the rule), "selected_step", "va
 "wall_time_s", "steps", "final_masks" (dict scale variable -> 0/1, empty for float runs).
 """
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import os
 import tempfile
+
+from fqat_tf.errors import UserError
 
 FLAGS_JSON = "flags.json"
 CHECKPOINTS = "checkpoints"
@@ -48,6 +52,10 @@ FREEZE_PNG = "freeze_timeline.png"
 GRADIENTS_CSV = "gradients.csv"
 GRADIENTS_PNG = "gradients.png"
 RUN_LOCK = "run.lock"
+
+
+class RunError(UserError):
+    """A run directory that cannot be used as asked: in use, other settings, damaged files."""
 
 
 def _umask():
@@ -81,27 +89,30 @@ def write_json(path, obj):
 
 
 def read_json(path):
+    """The JSON object in `path`; a RunError naming the file if it is missing or damaged."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: damaged, not valid JSON ({e}); delete the run directory or "
+                       f"restore the file") from None
 
 
 @contextlib.contextmanager
-def exclusive(lock_path):
+def exclusive(lock_path, wait=True):
     """Holds an exclusive advisory lock on `lock_path` (created if needed) for the block.
 
-    Another process entering the block with the same path waits until this one leaves; the
-    lock is released when the process dies, so a killed run never leaves a stale lock.
+    Another process entering the block with the same path waits until this one leaves (or,
+    with `wait=False`, gets BlockingIOError at once); the lock is released when the process
+    dies, so a killed run never leaves a stale lock. Yields the open lock file (read/write).
     """
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(lock_path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         try:
-            yield
+            yield handle
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -120,17 +131,115 @@ def read_results(run_dir):
 
 
 def read_evals(run_dir):
-    """Evaluation records of a run, in order (empty if none yet)."""
+    """Evaluation records of a run, in order (empty if none yet).
+
+    Raises:
+        RunError: a line that is not a JSON record with a "step", naming the file and line.
+    """
     path = os.path.join(run_dir, EVALS)
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                int(record["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise RunError(f"{path}:{number}: damaged evaluation record {line.strip()[:60]!r}; "
+                               f"delete the run directory or restore the file") from None
+            records.append(record)
+    return records
 
 
-def append_eval(run_dir, record):
-    """Appends one evaluation record (one JSON line, flushed)."""
-    with open(os.path.join(run_dir, EVALS), "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def write_evals(run_dir, records):
+    """Writes every evaluation record of a run (one JSON line each), atomically."""
+    atomic_write(os.path.join(run_dir, EVALS),
+                 "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_csv(path, header):
+    """The rows of a CSV file the trainer wrote (`header` first), as lists of strings.
+
+    Missing file: no rows. An older file with fewer columns is padded with empty strings.
+
+    Raises:
+        RunError: the file does not start with a prefix of `header` or its first column (the
+            step) is not an integer, naming the file and line.
+    """
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != list(header[:len(rows[0])]):
+        raise RunError(f"{path}: damaged, expected the header {','.join(header)}; delete the run "
+                       f"directory or restore the file")
+    width = len(rows[0])
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) != width or not row[0].lstrip("-").isdigit():
+            raise RunError(f"{path}:{number}: damaged row {','.join(row)[:60]!r}; delete the run "
+                           f"directory or restore the file")
+    return [row + [""] * (len(header) - width) for row in rows[1:]]
+
+
+def write_csv(path, header, rows):
+    """Writes a header and rows as CSV, atomically."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, out.getvalue())
+
+
+def _lock_holder(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir, wait=False):
+    """Holds `run_dir/run.lock` (an exclusive flock) for the block: one process per run.
+
+    The holder's pid is written into the file. The lock dies with its process, so a killed run
+    never leaves a stale lock. If the block raises before the run wrote its settings
+    (flags.json), the lock file, and the folder if this call created it, are removed again, so
+    a run refused on bad input leaves nothing behind.
+
+    Args:
+        run_dir: the run directory (created if needed).
+        wait: wait for the holder to finish (runs sharing a cached ERM stage) instead of
+            refusing at once.
+
+    Raises:
+        RunError: the run directory is held by another process (`wait=False`), naming its pid.
+    """
+    created_dir = not os.path.isdir(run_dir)
+    path = os.path.join(run_dir, RUN_LOCK)
+    created_lock = not os.path.exists(path)
+    held = contextlib.ExitStack()
+    try:
+        handle = held.enter_context(exclusive(path, wait=wait))
+    except BlockingIOError:
+        raise RunError(f"{run_dir} is in use by another process (pid {_lock_holder(path)}, "
+                       f"holding {RUN_LOCK}); wait for it to finish or choose another "
+                       f"--output_dir") from None
+    with held:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        except BaseException:
+            if not os.path.exists(os.path.join(run_dir, FLAGS_JSON)):
+                if created_lock:
+                    os.unlink(path)
+                if created_dir and not os.listdir(run_dir):
+                    os.rmdir(run_dir)
+            raise

@@ -11,6 +11,12 @@ the same command resumes an interrupted run from its last checkpoint and leaves 
 alone. The run directory layout is `fqat_tf.rundir`'s.
 
 Flags are read here and nowhere else; the stage itself (`fqat_tf.trainer`) takes a plain dict.
+Bad input ends in one message naming the flag, file or value (exit 1; 2 for a usage error),
+without a traceback unless `--verbosity=debug` (`fqat_tf.cli`).
+
+`--check_only` resolves the settings and compares them with what `--output_dir` holds, and
+starts nothing: exit 0 when the directory is free or holds this run (finished or not), exit 3
+when it holds a run with other settings (the sweep uses this to report conflicts).
 """
 import json
 import os
@@ -18,9 +24,11 @@ import sys
 
 from absl import app, flags, logging
 
-from fqat_tf import defaults
+from fqat_tf import cli, defaults
 
 FLAGS = flags.FLAGS
+PROG = "fqat_tf.train"
+EXIT_CONFLICT = 3
 
 flags.DEFINE_string("dataset", "rotated_mnist_5k", "Dataset name (fqat_tf.data.DATASETS).")
 flags.DEFINE_string("data_dir", None, "Data root (DomainBed layout, image_folder tree or TFDS).")
@@ -55,10 +63,16 @@ flags.DEFINE_integer("batch_per_domain", defaults.BATCH_PER_DOMAIN, "Images per 
 flags.DEFINE_float("lr", defaults.LR, "Weight learning rate (Adam).")
 flags.DEFINE_float("scale_lr", defaults.SCALE_LR, "Scale learning rate (Adam, no decay).")
 flags.DEFINE_float("weight_decay", defaults.WEIGHT_DECAY, "Weight decay of the weights.")
+flags.DEFINE_enum("weight_decay_mode", defaults.WEIGHT_DECAY_MODE, ["coupled", "decoupled"],
+                  "coupled: L2 on the final combined gradient before Adam's moments (the "
+                  "reference code's torch Adam); decoupled: Keras's AdamW-style decay.")
 flags.DEFINE_float("rho", defaults.RHO, "SAM/SAGM radius rho.")
 flags.DEFINE_float("alpha", defaults.ALPHA, "SAGM alpha.")
 flags.DEFINE_integer("freeze_interval", defaults.FREEZE_INTERVAL, "K: steps per disorder window.")
 flags.DEFINE_float("freeze_threshold", defaults.FREEZE_THRESHOLD, "r: disorder threshold.")
+flags.DEFINE_integer("gradient_window", None,
+                     "N: steps per row of gradients.csv (summed g_va, g_flat, applied); "
+                     "default K (--freeze_interval).")
 flags.DEFINE_integer("seed", 0, "Seed: hold-out split, data order, initialisation.")
 flags.DEFINE_float("holdout_fraction", defaults.HOLDOUT_FRACTION, "Validation hold-out.")
 flags.DEFINE_bool("skip_bad_files", False, "Skip unreadable image files instead of failing.")
@@ -76,8 +90,11 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multiworker"],
                   "tf.distribute strategy.")
 flags.DEFINE_bool("deterministic", False, "Enable TF op determinism (exact resume).")
 flags.DEFINE_integer("verbose", 1, "0 silent, 1 progress bars.")
+flags.DEFINE_bool("check_only", False, "Compare the settings with --output_dir's run and exit: "
+                  "0 free or the same run, 3 a run with other settings. Starts nothing.")
 
-FLOAT_METHODS = ("erm", "sagm")
+# Flags of this program that are not settings of the run.
+NOT_SETTINGS = ("check_only",)
 DEFAULT_BACKBONES = {"rotated_mnist": "mnist_cnn", "rotated_mnist_5k": "mnist_cnn"}
 # --smoke: a plumbing run of any configuration in seconds on a CPU. Steps run eagerly (tracing
 # a two-pass ResNet step costs far more than running four of them), a ResNet-50 becomes a
@@ -88,7 +105,13 @@ SMOKE = {"steps": 2, "erm_steps": 2, "eval_every": 2, "batch_per_domain": 2,
 
 
 def _usage(flag, message):
-    raise app.UsageError(f"--{flag}: {message}")
+    raise cli.UsageError(f"--{flag}: {message}")
+
+
+def _float_method(name):
+    from fqat_tf import methods
+
+    return name in methods.METHODS and not methods.METHODS[name].quantized
 
 
 def _resolve_method(s):
@@ -106,7 +129,7 @@ def _resolve_method(s):
                          f"{sorted(methods.METHODS) + sorted(methods.ALIASES)}")
     if s["ewgs_delta_mode"] == "hessian" and s["quantizer"] != "ewgs":
         _usage("ewgs_delta_mode", "hessian mode refreshes EWGS deltas; it needs --quantizer=ewgs")
-    if s["method"] in FLOAT_METHODS and s["quantizer"] is not None:
+    if _float_method(s["method"]) and s["quantizer"] is not None:
         _usage("quantizer", f"--method={s['method']} trains a full-precision model; "
                             f"drop --quantizer")
     s["quantizer"] = s["quantizer"] or defaults.QUANTIZER
@@ -120,6 +143,8 @@ def _check_ranges(s):
                  "eval_batch_size"):
         if s[name] < 1:
             _usage(name, f"must be >= 1, got {s[name]}")
+    if s["gradient_window"] is not None and s["gradient_window"] < 1:
+        _usage("gradient_window", f"must be >= 1, got {s['gradient_window']}")
     if s["erm_steps"] < 0:
         _usage("erm_steps", f"must be >= 0, got {s['erm_steps']}")
     for name in ("lr", "scale_lr"):
@@ -161,7 +186,7 @@ def _check_data_and_model(s):
     init = s["init"]
     if not (init in ("none", "imagenet") or init.startswith("mocov2:")):
         _usage("init", f"expected none, imagenet or mocov2:PATH, got {init!r}")
-    if s["method"] not in FLOAT_METHODS and s["erm_steps"] == 0 and init == "none":
+    if not _float_method(s["method"]) and s["erm_steps"] == 0 and init == "none":
         logging.warning("--erm_steps=0 with --init=none: QAT starts from random weights")
 
 
@@ -190,7 +215,7 @@ def _apply_smoke(s):
 
 
 def _default_output_dir(s):
-    tag = s["method"] if s["method"] in FLOAT_METHODS else (
+    tag = s["method"] if _float_method(s["method"]) else (
         f"{s['method']}_{s['quantizer']}_w{s['weight_bits']}a{s['activation_bits']}"
         + ("_int8" if s["int8_storage"] else ""))
     test = "+".join(str(d).replace(" ", "_") for d in s["test_domains"])
@@ -198,14 +223,15 @@ def _default_output_dir(s):
 
 
 def settings_from_flags(flag_values=FLAGS):
-    """The resolved settings dict of one run; raises app.UsageError naming a bad flag."""
-    names = [f for f in flag_values.get_key_flags_for_module(sys.modules[__name__])]
+    """The resolved settings dict of one run; raises cli.UsageError naming a bad flag."""
+    names = [f for f in flag_values.get_key_flags_for_module(sys.modules[__name__])
+             if f.name not in NOT_SETTINGS]
     s = {f.name: f.value for f in names}
     present = {f.name for f in names if f.present}
     _resolve_method(s)
-    if s["method"] in FLOAT_METHODS:
+    if _float_method(s["method"]):
         for name in ("weight_bits", "activation_bits", "per_channel", "freeze_interval",
-                     "freeze_threshold", "int8_storage"):
+                     "freeze_threshold", "int8_storage", "gradient_window"):
             if name in present:
                 _usage(name, f"--method={s['method']} trains a full-precision model without "
                              f"quantizers or freezing; drop --{name}")
@@ -221,21 +247,52 @@ def settings_from_flags(flag_values=FLAGS):
     return s
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags start with --")
-    settings = settings_from_flags()
-    from fqat_tf import data, trainer
+def _check_only(s):
+    from fqat_tf import trainer
 
     try:
-        results = trainer.run(settings)
-    except (data.DataError, FileNotFoundError, trainer.RunError) as e:
-        logging.error("%s", e)
-        print(f"fqat_tf.train: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(json.dumps({k: results[k] for k in ("val_avg", "test_avg", "selected_step")
+        state = trainer.check_settings(s, s["output_dir"])
+    except trainer.RunError as e:
+        print(f"{PROG}: conflict: {e}", file=sys.stderr)
+        return EXIT_CONFLICT
+    print(f"{s['output_dir']}: {state}")
+    return 0
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {argv[1:]}; flags start with --")
+    settings = settings_from_flags()
+    if FLAGS.check_only:
+        return _check_only(settings)
+    from fqat_tf import runtime
+
+    if settings["deterministic"]:
+        # Before the train function is compiled.
+        runtime.enable_determinism()
+    _check_runtime(settings)
+    from fqat_tf import trainer
+
+    results = trainer.run(settings)
+    print(json.dumps({k: results[k] for k in ("val_avg", "test_avg", "selected_step", "diverged")
                       if k in results}))
+    return 0
+
+
+def main(argv):
+    verbosity = (cli.verbosity_name(FLAGS.verbosity) if FLAGS["verbosity"].present
+                 else cli.DEFAULT_VERBOSITY)
+    cli.configure_logging(verbosity)
+    sys.exit(cli.run(PROG, lambda: _main(argv), verbosity))
+
+
+def parse_flags(argv):
+    """absl's flag parsing with the project's usage-error convention (the error, a hint)."""
+    try:
+        return FLAGS(cli.absl_argv(argv))
+    except flags.Error as e:
+        cli.usage_error(PROG, str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

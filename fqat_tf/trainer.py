@@ -1,41 +1,49 @@
-"""One training stage in a run directory, with resume and model selection.
+"""The stages of one training run in run directories: locking, resume, selection, results.
 
 `run(settings)` is what `python -m fqat_tf.train` calls with its resolved flags; library users
 who want the plain Keras path use `FQATModel.fit(..., callbacks=[DisorderFreezeCallback(...)])`
-directly. Here the loop is written out (one compiled step per call) so that the data iterator
-can be checkpointed with the weights, both optimizers and the freeze state, which makes a
-resumed run continue exactly where the interrupted one stopped.
+directly. Here the loop is written out (one compiled step per call) so that every evaluation
+point checkpoints the weights, both optimizers, the freeze state and the data position
+together with the run's files, and a resumed run continues exactly where the interrupted one
+stopped (docs/algorithm.md §4).
+
+A run directory belongs to one process at a time (`rundir.run_lock`) and to one setting: a
+directory holding a run with other settings is refused, finished or not. Inputs (data, the
+initial checkpoint, the ERM model) are read and checked before anything is written into it.
 """
-import csv
 import hashlib
 import json
+import logging
 import os
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
-from fqat_tf import calibration, data, models, rundir
-from fqat_tf.errors import UserError
+from fqat_tf import calibration, checkpoints, data, defaults, methods, models, rundir, runtime
 from fqat_tf.ewgs import EWGSDeltaCallback
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback
 from fqat_tf.quantize import quantize_model
 
-FLOAT_METHODS = ("erm", "sagm")
+log = logging.getLogger(__name__)
+
+RunError = rundir.RunError
 # Settings that decide what the ERM stage computes; its cache key hashes exactly these.
 ERM_KEYS = ("dataset", "data_dir", "test_domains", "backbone", "width", "image_size", "init",
-            "erm_steps", "batch_per_domain", "lr", "weight_decay", "seed", "holdout_fraction",
-            "skip_bad_files", "eval_every", "mixed_precision", "smoke")
+            "erm_steps", "batch_per_domain", "lr", "weight_decay", "weight_decay_mode", "seed",
+            "holdout_fraction", "skip_bad_files", "eval_every", "mixed_precision", "smoke")
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = ("output_dir", "erm_cache_dir", "verbose", "eval_batch_size", "jit_compile",
                   "strategy", "deterministic")
+DISORDER_HEADER = ("step", "variable", "disorder", "flat_disorder", "mask")
+GRADIENTS_HEADER = ("step", "variable", "g_va", "g_flat", "applied")
 
 
-class RunError(UserError):
-    """A run directory that cannot be used as asked (settings differ, files missing)."""
+def quantized(s):
+    """Whether the run's method trains a quantized model."""
+    return methods.get(s["method"]).quantized
 
 
 def erm_settings(s):
@@ -53,54 +61,94 @@ def erm_hash(s):
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def run(s):
-    """Runs every stage a setting needs; returns the final stage's results dict."""
-    if s["method"] in FLOAT_METHODS:
-        return train_stage(s, s["output_dir"])
-    start_from = None
-    if s["erm_steps"] > 0:
-        erm = erm_settings(s)
-        erm_dir = os.path.join(s["erm_cache_dir"], erm_hash(s))
-        erm["output_dir"] = erm_dir
-        # Runs of a parallel sweep that share this stage wait here while one of them trains it.
-        with rundir.exclusive(erm_dir + ".lock"):
-            if rundir.is_finished(erm_dir):
-                logging.info("ERM stage: reusing %s", erm_dir)
-            train_stage(erm, erm_dir)
-        start_from = os.path.join(erm_dir, rundir.MODEL)
-    return train_stage(s, s["output_dir"], start_from=start_from)
+def check_settings(s, run_dir):
+    """Whether `run_dir` can hold this run: "free" (no run yet) or "same" (its settings).
 
-
-def _check_flags_file(s, run_dir):
+    Raises:
+        RunError: the directory holds a run with other settings (finished or not), naming the
+            settings that differ.
+    """
     path = os.path.join(run_dir, rundir.FLAGS_JSON)
-    if os.path.exists(path):
-        old = rundir.read_json(path)
-        differ = sorted(k for k in set(old) | set(s)
-                        if k not in RESUMABLE_KEYS and old.get(k) != s.get(k))
-        if differ:
-            raise RunError(f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
-                           f"choose another --output_dir or delete that run")
-    rundir.write_json(path, s)
+    if not os.path.exists(path):
+        return "free"
+    old = rundir.read_json(path)
+    differ = sorted(k for k in set(old) | set(s)
+                    if k not in RESUMABLE_KEYS and old.get(k) != s.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {old.get(k)!r} there, {s.get(k)!r} here" for k in differ[:4])
+        raise RunError(f"{run_dir} holds a {'finished ' if rundir.is_finished(run_dir) else ''}"
+                       f"run with other settings ({shown}{', ...' if len(differ) > 4 else ''});"
+                       f" choose another --output_dir or delete that run")
+    return "same"
 
 
-def _strategy(name):
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
+class Inputs:
+    """The data of a run, read and checked once and shared by its stages."""
+
+    def __init__(self, s):
+        self.splits = data.load_splits(
+            s["dataset"], data_dir=s["data_dir"], test_domains=s["test_domains"],
+            holdout_fraction=s["holdout_fraction"], seed=s["seed"],
+            skip_bad_files=s["skip_bad_files"], image_size=s["image_size"])
+        self.stream = data.train_stream(self.splits, s["batch_per_domain"], seed=s["seed"])
+        self.eval_streams = data.eval_streams(self.splits, s["eval_batch_size"])
+
+    @property
+    def num_classes(self):
+        return self.splits.info.num_classes
+
+
+def run(s):
+    """Runs every stage a setting needs; returns the final stage's results dict.
+
+    Raises:
+        RunError: the run directory is in use, holds another setting, or is damaged.
+        DataError: the data cannot be read.
+    """
+    out = s["output_dir"]
+    with rundir.run_lock(out):
+        check_settings(s, out)
+        if rundir.is_finished(out):
+            log.info("%s is finished; not rerun", out)
+            return rundir.read_results(out)
+        inputs = Inputs(s)
+        start_from = None
+        if quantized(s) and s["erm_steps"] > 0:
+            erm = erm_settings(s)
+            erm_dir = erm["output_dir"] = os.path.join(s["erm_cache_dir"], erm_hash(s))
+            # Runs of a parallel sweep that share this stage wait here while one trains it.
+            with rundir.run_lock(erm_dir, wait=True):
+                check_settings(erm, erm_dir)
+                if rundir.is_finished(erm_dir):
+                    log.info("ERM stage: reusing %s", erm_dir)
+                else:
+                    train_stage(erm, erm_dir, inputs)
+            start_from = os.path.join(erm_dir, rundir.MODEL)
+        return train_stage(s, out, inputs, start_from=start_from)
+
+
+def _load_start(path):
+    if not os.path.isfile(path):
+        raise RunError(f"ERM model {path} is missing; delete its cache folder "
+                       f"{os.path.dirname(path)} to train the stage again")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load is this file's problem
+        raise RunError(f"{path}: cannot be loaded as a Keras model ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); delete its cache folder "
+                       f"{os.path.dirname(path)} to train the stage again") from None
 
 
 def _build(s, splits, start_from):
     """The model a stage trains: backbone (+ init) or the ERM model, quantized for QAT."""
     if start_from is not None:
-        base = keras.saving.load_model(start_from, safe_mode=True)
+        base = _load_start(start_from)
     else:
         info = splits.info
         base = models.build_backbone(s["backbone"], info.num_classes, info.input_shape,
                                      width=s["width"])
-        logging.info("init: %s", models.load_init(base, s["init"]))
-    if s["method"] in FLOAT_METHODS:
+        log.info("init: %s", models.load_init(base, s["init"]))
+    if not quantized(s):
         return base
     qmodel = quantize_model(base, weight_bits=s["weight_bits"],
                             activation_bits=s["activation_bits"], quantizer=s["quantizer"],
@@ -117,180 +165,278 @@ def _build(s, splits, start_from):
     return qmodel
 
 
-def _truncate(run_dir, step):
-    """Drops eval and disorder rows written after the checkpoint a run resumes from."""
-    records = [r for r in rundir.read_evals(run_dir) if r["step"] <= step]
-    rundir.atomic_write(os.path.join(run_dir, rundir.EVALS),
-                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    path = os.path.join(run_dir, rundir.DISORDER_CSV)
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
-        rundir.atomic_write(path, "".join(",".join(r) + "\n" for r in kept))
-    return records
+def _optimizer(s):
+    decoupled = s.get("weight_decay_mode", defaults.WEIGHT_DECAY_MODE) == "decoupled"
+    return keras.optimizers.Adam(s["lr"], weight_decay=(s["weight_decay"] or None)
+                                 if decoupled else None)
 
 
-def _append_disorder(run_dir, records):
-    path = os.path.join(run_dir, rundir.DISORDER_CSV)
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("step,variable,disorder,mask\n")
-        for r in records:
-            for name, d in r["disorder"].items():
-                f.write(f"{r['step']},{name},{float(d):.6f},{int(r['mask'][name])}\n")
+def _compile(s, qmodel):
+    is_q = quantized(s)
+    coupled = s.get("weight_decay_mode", defaults.WEIGHT_DECAY_MODE) == "coupled"
+    fq = FQATModel(qmodel, s["method"], rho=s.get("rho", 0.0), alpha=s.get("alpha", 0.0),
+                   freeze_interval=s.get("freeze_interval") or 2, record_signs=is_q,
+                   weight_decay=s["weight_decay"] if coupled else 0.0,
+                   track_scale_gradients=is_q)
+    fq.compile(optimizer=_optimizer(s),
+               scale_optimizer=keras.optimizers.Adam(s["scale_lr"]) if is_q else None,
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+               jit_compile=bool(s["jit_compile"]) and not s["smoke"],
+               run_eagerly=bool(s["smoke"]))
+    return fq
+
+
+def _stage_line(s, run_dir):
+    what = ("ERM" if s["method"] == "erm" else s["method"]) if not quantized(s) else (
+        f"{s['method']} {s['quantizer']} W{s['weight_bits']}A{s['activation_bits']}"
+        + (" int8 storage" if s.get("int8_storage") else ""))
+    return f"[{what}] {s['steps']} steps, test {','.join(map(str, s['test_domains']))}, " \
+           f"seed {s['seed']} -> {run_dir}"
+
+
+def train_stage(s, run_dir, inputs, start_from=None):
+    """Trains (or resumes) one stage in `run_dir`, whose lock the caller holds.
+
+    The model is built (the init checkpoint or the ERM model read) before the run's settings
+    are written, so bad input leaves the directory as it was.
+    """
+    keras.utils.set_random_seed(s["seed"])
+    if s["mixed_precision"]:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    strategy = runtime.strategy(s["strategy"])
+    with strategy.scope():
+        qmodel = _build(s, inputs.splits, start_from)
+        fq = _compile(s, qmodel)
+        iterator = iter(strategy.experimental_distribute_dataset(inputs.stream)
+                        if s["strategy"] != "default" else inputs.stream)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time_s")
+        loss_start = tf.Variable(np.nan, dtype=tf.float64, trainable=False, name="loss_start")
+        loss_peak = tf.Variable(np.nan, dtype=tf.float64, trainable=False, name="loss_peak")
+    if not os.path.exists(os.path.join(run_dir, rundir.FLAGS_JSON)):
+        rundir.write_json(os.path.join(run_dir, rundir.FLAGS_JSON), s)
+    if s["verbose"]:
+        print(_stage_line(s, run_dir), flush=True)
+    ckpt = tf.train.Checkpoint(model=fq, optimizer=fq.optimizer, iterator=iterator, step=step,
+                               wall_time_s=wall, loss_start=loss_start, loss_peak=loss_peak)
+    if fq.scale_optimizer is not None:
+        ckpt.scale_optimizer = fq.scale_optimizer
+    manager, restored = checkpoints.restore_latest(ckpt, os.path.join(run_dir,
+                                                                      rundir.CHECKPOINTS))
+    if restored is None:
+        files = _RunFiles(run_dir, -1)
+        if quantized(s):
+            calibration.calibrate_scales(qmodel, inputs.stream, s["calibration_batches"],
+                                         method=s["calibration"])
+            calibration.calibrate_ranges(qmodel, inputs.stream, s["calibration_batches"])
+    else:
+        files = _RunFiles(run_dir, restored)
+        log.info("resumed %s at step %d", run_dir, restored)
+    stage = _Stage(s, run_dir, fq, inputs, files, manager,
+                   {"iterator": iterator, "step": step, "wall": wall,
+                    "loss_start": loss_start, "loss_peak": loss_peak})
+    return stage.loop()
+
+
+class _RunFiles:
+    """The run's evaluation records and CSV rows, rewritten atomically at each checkpoint.
+
+    Loaded up to the checkpoint a run resumes from, so rows written after it (by a process that
+    died before its next checkpoint) are dropped and written again.
+    """
+
+    def __init__(self, run_dir, step):
+        self.run_dir = run_dir
+        self.records = [r for r in rundir.read_evals(run_dir) if r["step"] <= step]
+        self.rows = {}
+        for name, header in ((rundir.DISORDER_CSV, DISORDER_HEADER),
+                             (rundir.GRADIENTS_CSV, GRADIENTS_HEADER)):
+            rows = rundir.read_csv(os.path.join(run_dir, name), header)
+            self.rows[name] = [r for r in rows if int(r[0]) <= step]
+
+    def write(self):
+        rundir.write_evals(self.run_dir, self.records)
+        for name, header in ((rundir.DISORDER_CSV, DISORDER_HEADER),
+                             (rundir.GRADIENTS_CSV, GRADIENTS_HEADER)):
+            if self.rows[name]:
+                rundir.write_csv(os.path.join(self.run_dir, name), header, self.rows[name])
+
+
+def divergence(records, loss_start, loss_peak, num_classes):
+    """Why a run counts as diverged, or None.
+
+    Diverged: the training loss of an evaluation window rose above its first window's by
+    `defaults.DIVERGENCE_LOSS_FACTOR`, or an evaluation after the first has a training-domain
+    validation accuracy at chance (at most `defaults.DIVERGENCE_CHANCE_FACTOR` / classes).
+    """
+    if np.isfinite(loss_peak) and np.isfinite(loss_start) and \
+            loss_peak > defaults.DIVERGENCE_LOSS_FACTOR * max(loss_start, 1e-12):
+        return (f"training loss rose to {loss_peak:.4g}, more than "
+                f"{defaults.DIVERGENCE_LOSS_FACTOR:g}x its first window's {loss_start:.4g}")
+    chance = defaults.DIVERGENCE_CHANCE_FACTOR / num_classes
+    for r in records[1:]:
+        if r["val_avg"] <= chance:
+            return (f"validation accuracy {r['val_avg']:.4f} at step {r['step']} is at chance "
+                    f"({num_classes} classes)")
+    return None
+
+
+class _Stage:
+    """The training loop of one stage and the writing of its results."""
+
+    def __init__(self, s, run_dir, fq, inputs, files, manager, state):
+        self.s, self.run_dir, self.fq, self.inputs = s, run_dir, fq, inputs
+        self.files, self.manager, self.state = files, manager, state
+        self.is_q = quantized(s)
+        self.gradient_window = s.get("gradient_window") or s.get("freeze_interval") or 1
+        self.warned = False
+
+    def _callbacks(self):
+        cbs = []
+        if self.is_q:
+            self.freeze_cb = DisorderFreezeCallback(interval=self.s.get("freeze_interval"),
+                                                    threshold=self.s.get("freeze_threshold")
+                                                    or 0.0)
+            cbs.append(self.freeze_cb)
+            if self.s["quantizer"] == "ewgs" and self.s["ewgs_delta_mode"] == "hessian":
+                cbs.append(EWGSDeltaCallback(next(iter(self.inputs.stream)),
+                                             interval=self.s["ewgs_hessian_interval"],
+                                             seed=self.s["seed"]))
+        return keras.callbacks.CallbackList(cbs, model=self.fq)
+
+    def _decision_rows(self, seen):
+        for record in self.freeze_cb.records[seen:]:
+            for name, d in record["disorder"].items():
+                flat = record["flat_disorder"].get(name)
+                self.files.rows[rundir.DISORDER_CSV].append(
+                    [record["step"], name, f"{d:.6f}", "" if flat is None else f"{flat:.6f}",
+                     int(record["mask"][name])])
+        return len(self.freeze_cb.records)
+
+    def _gradient_rows(self, n):
+        sums = self.fq.scale_gradient_sums
+        values = sums.numpy()
+        for i, name in enumerate(self.fq.freeze_state.scale_names):
+            self.files.rows[rundir.GRADIENTS_CSV].append(
+                [n, name] + [f"{v:.9g}" for v in values[:, i]])
+        sums.assign(np.zeros_like(values))
+
+    def _train_step(self, train_fn, iterator, n):
+        try:
+            return train_fn(iterator)
+        except FloatingPointError as e:
+            last = self.manager.latest_checkpoint
+            raise RunError(f"{self.run_dir}: {e} The run stopped at step {n + 1}; its last "
+                           f"checkpoint ({os.path.basename(last) if last else 'none'}) is "
+                           f"intact.") from None
+
+    def _warn(self, reason, n):
+        if reason and not self.warned:
+            self.warned = True
+            print(f"\nWARNING: step {n}: the run looks diverged: {reason}", flush=True)
+            log.warning("%s: diverged at step %d: %s", self.run_dir, n, reason)
+
+    def _window_end(self, n, logs):
+        """Evaluation, model selection, divergence check and checkpoint at step n."""
+        s, st = self.s, self.state
+        loss = logs.get("loss", np.nan)
+        if np.isnan(st["loss_start"].numpy()):
+            st["loss_start"].assign(loss)
+        st["loss_peak"].assign(np.nanmax([st["loss_peak"].numpy(), loss]))
+        with self.writer.as_default(step=n):
+            for k, v in logs.items():
+                tf.summary.scalar(f"train/{k}", v)
+        self.fq.reset_metrics()
+        if n > s["eval_after"] or n == s["steps"]:
+            record = {"step": n, **data.evaluate(self.fq.qmodel, self.inputs.eval_streams,
+                                                 verbose=0)}
+            self.files.records.append(record)
+            with self.writer.as_default(step=n):
+                for k, v in record.items():
+                    if k != "step":
+                        tf.summary.scalar(k, v)
+            if record["val_avg"] > self.best:
+                self.best = record["val_avg"]
+                _save_model(self.fq.qmodel, self.run_dir)
+            if s["verbose"]:
+                print(f"\nstep {n}: val {record['val_avg']:.4f} test {record['test_avg']:.4f}")
+        self._warn(self._divergence(), n)
+        st["wall"].assign(self.wall_before + time.time() - self.started)
+        self.files.write()
+        self.manager.save(checkpoint_number=n)
+
+    def _divergence(self):
+        return divergence(self.files.records, float(self.state["loss_start"].numpy()),
+                          float(self.state["loss_peak"].numpy()), self.inputs.num_classes)
+
+    def loop(self):
+        s, st, fq = self.s, self.state, self.fq
+        self.started, self.wall_before = time.time(), float(st["wall"].numpy())
+        total = s["steps"]
+        callbacks = self._callbacks()
+        self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir,
+                                                                 rundir.TENSORBOARD))
+        train_fn = fq.make_train_function()
+        self.best = max((r["val_avg"] for r in self.files.records), default=-1.0)
+        keys = ["loss", "accuracy", "frozen"]
+        progbar = keras.utils.Progbar(total, verbose=s["verbose"], stateful_metrics=keys)
+        n = int(st["step"].numpy())
+        progbar.update(n)
+        callbacks.on_train_begin()
+        seen = len(self.freeze_cb.records) if self.is_q else 0
+        while n < total:
+            logs = self._train_step(train_fn, st["iterator"], n)
+            st["step"].assign_add(1)
+            n += 1
+            callbacks.on_train_batch_end(n - 1, logs)
+            if self.is_q:
+                seen = self._decision_rows(seen)
+                if n % self.gradient_window == 0 or n == total:
+                    self._gradient_rows(n)
+            logs = {k: float(np.asarray(v)) for k, v in logs.items()}
+            progbar.update(n, values=list(logs.items()))
+            if n % s["eval_every"] == 0 or n == total:
+                self._window_end(n, logs)
+        callbacks.on_train_end()
+        self.writer.close()
+        return self._finish(float(st["wall"].numpy()))
+
+    def _finish(self, wall_time):
+        s, fq = self.s, self.fq
+        chosen = data.select_best(self.files.records)
+        state = fq.freeze_state
+        reason = self._divergence()
+        results = {
+            "dataset": s["dataset"], "method": s["method"],
+            "quantizer": s["quantizer"] if self.is_q else None,
+            "weight_bits": s["weight_bits"] if self.is_q else None,
+            "activation_bits": s["activation_bits"] if self.is_q else None,
+            "test_domains": list(s["test_domains"]), "seed": s["seed"],
+            "hparams": {k: s.get(k) for k in ("lr", "scale_lr", "weight_decay", "rho", "alpha",
+                                              "freeze_interval", "freeze_threshold",
+                                              "batch_per_domain", "erm_steps")},
+            "selection": "best training-domain validation accuracy (val_avg) over evaluations",
+            "selected_step": chosen["step"],
+            "val": {k[4:]: v for k, v in chosen.items() if k.startswith("val/")},
+            "test": {k[5:]: v for k, v in chosen.items() if k.startswith("test/")},
+            "val_avg": chosen["val_avg"], "test_avg": chosen["test_avg"],
+            "wall_time_s": round(wall_time, 1), "steps": s["steps"],
+            "final_masks": ({n: int(m) for n, m in zip(state.scale_names, state.masks.numpy())}
+                            if self.is_q else {}),
+            "diverged": reason is not None, "divergence": reason,
+        }
+        from fqat_tf import plots
+
+        disorder = os.path.join(self.run_dir, rundir.DISORDER_CSV)
+        if os.path.exists(disorder):
+            plots.plot_disorder(disorder, os.path.join(self.run_dir, rundir.DISORDER_PNG))
+            plots.plot_freeze_timeline(disorder, os.path.join(self.run_dir, rundir.FREEZE_PNG))
+        rundir.write_json(os.path.join(self.run_dir, rundir.RESULTS), results)
+        return results
 
 
 def _save_model(model, run_dir):
     tmp = os.path.join(run_dir, ".model.tmp.keras")
     model.save(tmp)
     os.replace(tmp, os.path.join(run_dir, rundir.MODEL))
-
-
-def _set_seed(s):
-    keras.utils.set_random_seed(s["seed"])
-    if s["deterministic"]:
-        tf.config.experimental.enable_op_determinism()
-    if s["mixed_precision"]:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-
-
-def train_stage(s, run_dir, start_from=None):
-    """Trains (or resumes, or skips if finished) one stage in `run_dir`; returns its results."""
-    if rundir.is_finished(run_dir):
-        logging.info("%s is finished; not rerun", run_dir)
-        return rundir.read_results(run_dir)
-    # Data is read and checked before anything is written, so bad input leaves no run behind.
-    splits = data.load_splits(s["dataset"], data_dir=s["data_dir"],
-                              test_domains=s["test_domains"],
-                              holdout_fraction=s["holdout_fraction"], seed=s["seed"],
-                              skip_bad_files=s["skip_bad_files"], image_size=s["image_size"])
-    stream = data.train_stream(splits, s["batch_per_domain"], seed=s["seed"])
-    streams = data.eval_streams(splits, s["eval_batch_size"])
-    if start_from is not None and not os.path.isfile(start_from):
-        raise RunError(f"ERM model {start_from} is missing")
-    os.makedirs(run_dir, exist_ok=True)
-    _check_flags_file(s, run_dir)
-    _set_seed(s)
-    strategy = _strategy(s["strategy"])
-    with strategy.scope():
-        qmodel = _build(s, splits, start_from)
-        quantized = s["method"] not in FLOAT_METHODS
-        fq = FQATModel(qmodel, s["method"], rho=s.get("rho", 0.0), alpha=s.get("alpha", 0.0),
-                       freeze_interval=s.get("freeze_interval") or 2,
-                       record_signs=quantized)
-        fq.compile(optimizer=keras.optimizers.Adam(s["lr"], weight_decay=s["weight_decay"] or None),
-                   scale_optimizer=keras.optimizers.Adam(s["scale_lr"]) if quantized else None,
-                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                   jit_compile=bool(s["jit_compile"]) and not s["smoke"],
-                   run_eagerly=bool(s["smoke"]))
-        iterator = iter(strategy.experimental_distribute_dataset(stream)
-                        if s["strategy"] != "default" else stream)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time_s")
-    ckpt = tf.train.Checkpoint(model=fq, optimizer=fq.optimizer, iterator=iterator, step=step,
-                               wall_time_s=wall)
-    if fq.scale_optimizer is not None:
-        ckpt.scale_optimizer = fq.scale_optimizer
-    manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, rundir.CHECKPOINTS),
-                                         max_to_keep=2)
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        records = _truncate(run_dir, int(step.numpy()))
-        logging.info("resumed %s at step %d", run_dir, int(step.numpy()))
-    else:
-        records = _truncate(run_dir, -1)
-        if quantized:
-            calibration.calibrate_scales(qmodel, stream, s["calibration_batches"],
-                                         method=s["calibration"])
-            calibration.calibrate_ranges(qmodel, stream, s["calibration_batches"])
-    return _loop(s, run_dir, fq, (iterator, stream), (step, wall), manager, streams, records,
-                 quantized)
-
-
-def _loop(s, run_dir, fq, data_in, counters, manager, streams, records, quantized):
-    iterator, stream = data_in
-    step, wall = counters
-    started, wall_before = time.time(), float(wall.numpy())
-    total = s["steps"]
-    freeze_cb = DisorderFreezeCallback(interval=s.get("freeze_interval") or None,
-                                       threshold=s.get("freeze_threshold") or 0.0)
-    cbs = [freeze_cb] if quantized else []
-    if quantized and s["quantizer"] == "ewgs" and s["ewgs_delta_mode"] == "hessian":
-        cbs.append(EWGSDeltaCallback(next(iter(stream)), interval=s["ewgs_hessian_interval"],
-                                     seed=s["seed"]))
-    callbacks = keras.callbacks.CallbackList(cbs, model=fq)
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, rundir.TENSORBOARD))
-    train_fn = fq.make_train_function()
-    best = max((r["val_avg"] for r in records), default=-1.0)
-    progbar = keras.utils.Progbar(total, verbose=s["verbose"], stateful_metrics=["frozen"])
-    progbar.update(int(step.numpy()))
-    callbacks.on_train_begin()
-    seen_records = 0
-    while int(step.numpy()) < total:
-        logs = train_fn(iterator)
-        step.assign_add(1)
-        n = int(step.numpy())
-        callbacks.on_train_batch_end(n - 1, logs)
-        if len(freeze_cb.records) > seen_records:
-            _append_disorder(run_dir, freeze_cb.records[seen_records:])
-            seen_records = len(freeze_cb.records)
-        logs = {k: float(np.asarray(v)) for k, v in logs.items()}
-        progbar.update(n, values=list(logs.items()))
-        if n % s["eval_every"] and n != total:
-            continue
-        with writer.as_default(step=n):
-            for k, v in logs.items():
-                tf.summary.scalar(f"train/{k}", v)
-        fq.reset_metrics()
-        if n > s["eval_after"] or n == total:
-            record = {"step": n, **data.evaluate(fq.qmodel, streams, verbose=0)}
-            rundir.append_eval(run_dir, record)
-            records.append(record)
-            with writer.as_default(step=n):
-                for k, v in record.items():
-                    if k != "step":
-                        tf.summary.scalar(k, v)
-            if record["val_avg"] > best:
-                best = record["val_avg"]
-                _save_model(fq.qmodel, run_dir)
-            if s["verbose"]:
-                print(f"\nstep {n}: val {record['val_avg']:.4f} test {record['test_avg']:.4f}")
-        wall.assign(wall_before + time.time() - started)
-        manager.save(checkpoint_number=n)
-    callbacks.on_train_end()
-    writer.close()
-    return _finish(s, run_dir, fq, records, wall_before + time.time() - started)
-
-
-def _finish(s, run_dir, fq, records, wall_time):
-    chosen = data.select_best(records)
-    state = fq.freeze_state
-    masks = state.masks.numpy() if state.windows else []
-    results = {
-        "dataset": s["dataset"], "method": s["method"],
-        "quantizer": None if s["method"] in FLOAT_METHODS else s["quantizer"],
-        "weight_bits": None if s["method"] in FLOAT_METHODS else s["weight_bits"],
-        "activation_bits": None if s["method"] in FLOAT_METHODS else s["activation_bits"],
-        "test_domains": list(s["test_domains"]), "seed": s["seed"],
-        "hparams": {k: s.get(k) for k in ("lr", "scale_lr", "weight_decay", "rho", "alpha",
-                                          "freeze_interval", "freeze_threshold",
-                                          "batch_per_domain", "erm_steps")},
-        "selection": "best training-domain validation accuracy (val_avg) over evaluations",
-        "selected_step": chosen["step"],
-        "val": {k[4:]: v for k, v in chosen.items() if k.startswith("val/")},
-        "test": {k[5:]: v for k, v in chosen.items() if k.startswith("test/")},
-        "val_avg": chosen["val_avg"], "test_avg": chosen["test_avg"],
-        "wall_time_s": round(wall_time, 1), "steps": s["steps"],
-        "final_masks": {n: int(m) for n, m in zip(state.scale_names, masks)},
-    }
-    csv_path = os.path.join(run_dir, rundir.DISORDER_CSV)
-    if os.path.exists(csv_path):
-        from fqat_tf import plots
-
-        plots.plot_disorder(csv_path, os.path.join(run_dir, rundir.DISORDER_PNG))
-        plots.plot_freeze_timeline(csv_path, os.path.join(run_dir, rundir.FREEZE_PNG))
-    rundir.write_json(os.path.join(run_dir, rundir.RESULTS), results)
-    return results

@@ -87,19 +87,19 @@ def test_quickstart_outputs_exist_and_parse(tmp_path):
     names = [v.path for v in fqat_tf.scale_variables(model)]
     assert sorted(results["final_masks"]) == sorted(names)
     rows = open(os.path.join(out, rundir.DISORDER_CSV)).read().splitlines()
-    assert rows[0] == "step,variable,disorder,mask"
+    assert rows[0] == "step,variable,disorder,flat_disorder,mask"
     assert len(rows) - 1 == len(names) * (settings["steps"] // settings["freeze_interval"])
     # The ERM stage ran once and is reused by a second QAT run with the same ERM settings.
-    erm_dirs = sorted(d for d in os.listdir(tmp_path / "erm") if not d.endswith(".lock"))
-    # Beside the stage, only the lock that parallel runs sharing it wait on.
-    assert sorted(os.listdir(tmp_path / "erm")) == [erm_dirs[0], erm_dirs[0] + ".lock"]
+    erm_dirs = sorted(os.listdir(tmp_path / "erm"))
+    # The lock that parallel runs sharing the stage wait on is inside it, as in every run.
+    assert os.path.isfile(tmp_path / "erm" / erm_dirs[0] / rundir.RUN_LOCK)
     assert len(erm_dirs) == 1 and rundir.is_finished(str(tmp_path / "erm" / erm_dirs[0]))
     mtime = os.path.getmtime(tmp_path / "erm" / erm_dirs[0] / rundir.RESULTS)
     again = _parse(["--flagfile=experiments/quickstart.cfg", "--smoke", "--method=lsq",
                     f"--output_dir={tmp_path}/lsq", f"--erm_cache_dir={tmp_path}/erm",
                     "--verbose=0"])
     trainer.run(again)
-    assert sorted(os.listdir(tmp_path / "erm")) == [erm_dirs[0], erm_dirs[0] + ".lock"]
+    assert sorted(os.listdir(tmp_path / "erm")) == erm_dirs
     assert os.path.getmtime(tmp_path / "erm" / erm_dirs[0] / rundir.RESULTS) == mtime
     # A finished run is not rerun.
     assert trainer.run(settings) == results
@@ -216,7 +216,7 @@ def test_output_dir_with_other_settings_is_refused(tmp_path):
     settings = _parse(["--smoke", "--method=fqat", f"--output_dir={out}",
                        f"--erm_cache_dir={tmp_path}/erm", "--erm_steps=0", "--verbose=0"])
     with pytest.raises(trainer.RunError, match="other settings"):
-        trainer.train_stage(settings, out)
+        trainer.run(settings)
 
 
 def test_method_aliases_resolve():
