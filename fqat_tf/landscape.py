@@ -315,7 +315,7 @@ PROG = "fqat_tf.landscape"
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="python -m fqat_tf.landscape",
+    parser = cli.ArgumentParser(prog=PROG,
                                 description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="finished run directories: one panel each, one colour scale")

@@ -382,7 +382,7 @@ PROG = "fqat_tf.plots"
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="python -m fqat_tf.plots",
+    parser = cli.ArgumentParser(prog=PROG,
                                 description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="redraw a run's disorder, freeze and gradient plots "

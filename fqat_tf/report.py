@@ -468,7 +468,7 @@ def _report(args):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="python -m fqat_tf.report",
+    parser = cli.ArgumentParser(prog=PROG,
                                 description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", metavar="RUN_ROOT",
                         help="folders searched for finished runs (results.json)")

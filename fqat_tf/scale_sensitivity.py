@@ -242,7 +242,7 @@ def _factors_arg(text):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(prog="python -m fqat_tf.scale_sensitivity",
+    parser = cli.ArgumentParser(prog=PROG,
                                 description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished quantized run")
     parser.add_argument("--factors", type=_factors_arg,

@@ -326,7 +326,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = cli.ArgumentParser(prog="python -m fqat_tf.sweep",
+    parser = cli.ArgumentParser(prog=PROG,
                                 description=__doc__.split("\n\n")[0])
     parser.add_argument("--flagfile", required=True, action="append",
                         help="an experiment's flagfile or a glob of them (quote it); repeatable")
