@@ -1,4 +1,4 @@
-"""The (K, r) grid of a sweep against its LSQ+SAGM baseline (paper Fig. 6).
+"""The (K, r) grid of a sweep against its LSQ+SAGM baseline (paper Fig. 6; docs/algorithm.md §6).
 
     python -m fqat_tf.report runs/pacs_w4 --heatmap fig6.png
 

@@ -1,4 +1,4 @@
-"""The 2-D loss surface around a trained model (Li et al. 2018; paper Fig. 1, 7 and 8).
+"""The 2-D loss surface around a trained model (Li et al. 2018; paper Fig. 1, 7, 8).
 
     python -m fqat_tf.landscape RUN_DIR [--out PNG] [--grid 21] [--span 1.0] [--batches 4]
     python -m fqat_tf.landscape RUN_A RUN_B ... --out fig.png   # one panel each (Fig. 7, 8)
@@ -12,7 +12,8 @@ other 1-D variables get a zero direction (Li et al.'s `ignore biasbn`), and the 
 (`fqat_tf.scale_variables`) are never perturbed. The model is called with training=False; the
 loss is the mean cross-entropy over a bounded number of training-domain validation batches.
 Every weight is restored bit-exactly afterwards. Several runs make one figure, a panel each,
-with one colour scale and one set of contour levels, so the panels compare.
+with one colour scale and one set of contour levels, so the panels compare
+(docs/algorithm.md §6).
 """
 import argparse
 import io

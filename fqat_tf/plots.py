@@ -1,4 +1,5 @@
-"""The plots of a run directory: the scale gradients and their disorder (paper Fig. 2-5).
+"""The plots of a run directory: the scale gradients and their disorder (paper Fig. 2-5;
+docs/algorithm.md §3, §6).
 
     python -m fqat_tf.plots run RUN_DIR                      # redraw a run's plots from its CSVs
     python -m fqat_tf.plots compare FQAT_RUN LSQ_SAGM_RUN --out fig4.png

@@ -1,4 +1,4 @@
-"""Aggregates finished runs into the paper's table format (Tables 1-2 and 11-26).
+"""Aggregates finished runs into the paper's tables (Tables 1-2 and 5-26; docs/algorithm.md §4).
 
     python -m fqat_tf.report runs/sweep --out table.md --csv table.csv [--select_hparams] \
         [--paired_with=lsq --paired_with=erm] [--split=val|test] [--heatmap=fig6.png]
@@ -166,7 +166,8 @@ def _row(setting, runs, columns, error, avg_std):
     return {"dataset": runs[0].dataset, "method": method, "quantizer": quantizer,
             "weight_bits": wbits, "activation_bits": abits, "columns": list(columns),
             "cells": cells, "avg": avg, "per_seed": per_col, "seeds": seeds, "runs": len(runs),
-            "error": error, "avg_std": avg_std, "selection": sorted({r.selection for r in runs if r.selection})}
+            "error": error, "avg_std": avg_std,
+            "selection": sorted({r.selection for r in runs if r.selection})}
 
 
 def _varying(hparam_dicts):

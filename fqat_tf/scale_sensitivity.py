@@ -1,4 +1,5 @@
-"""How a trained model's OOD accuracy moves when one layer's scale factors move (paper Table 3).
+"""How a trained model's OOD accuracy moves when one layer's scale factors move (paper Table 3;
+docs/algorithm.md §6).
 
     python -m fqat_tf.scale_sensitivity RUN_DIR [--factors=0.8,0.9,1.1,1.2] [--out PREFIX] \\
         [--layers=REGEX] [--per=layer|variable]

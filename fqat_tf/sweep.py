@@ -1,4 +1,4 @@
-"""Leave-one-domain-out sweeps: test domains x seeds x a hyperparameter grid, one run each.
+"""Leave-one-domain-out sweeps: test domains x seeds x a grid (docs/algorithm.md §4).
 
     python -m fqat_tf.sweep --flagfile=experiments/pacs_w4.cfg --sweep_dir=runs/pacs_w4 \\
         --seeds=0,23 --grid="freeze_threshold=0.28,0.30,0.32;freeze_interval=300,350,400" \\
@@ -105,8 +105,8 @@ def check_extra_flags(extra_flags):
         if not arg.startswith("--") or len(arg) < 3:
             raise cli.UsageError(f"extra flag {arg!r}: pass flags after '--' as --name=value")
         if _flag_names(arg) & set(CONTROLLED_FLAGS):
-            raise cli.UsageError(f"extra flag {arg!r}: {CONTROLLED_FLAGS} are set by the sweep; use "
-                             f"its own options (--flagfile, --test_domains, --seeds)")
+            raise cli.UsageError(f"extra flag {arg!r}: {CONTROLLED_FLAGS} are set by the sweep; "
+                                 f"use its own options (--flagfile, --test_domains, --seeds)")
     return list(extra_flags)
 
 
