@@ -38,8 +38,10 @@ def _log_path(sweep_dir, output_dir):
 def _check(argv):
     """Asks the training program whether a run's directory is free for `argv`'s settings."""
     proc = subprocess.run([*argv, CHECK_ONLY], capture_output=True, text=True)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    return proc.returncode, (lines[-1] if lines else "")
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    # The message that names the culprit, not a hint printed after it or TensorFlow's logging.
+    named = [line for line in lines if "error" in line.lower()] or lines
+    return proc.returncode, (named[-1] if named else "")
 
 
 def run_states(runs, parallel=defaults.SWEEP_CHECK_PARALLEL):
