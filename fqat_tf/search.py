@@ -34,6 +34,7 @@ from fqat_tf import sweep
 PHASES = ("1", "2", "both")
 SEARCH_JSON = "search.json"
 PHASE_MANIFESTS = {"1": "sweep.phase1.json", "2": "sweep.phase2.json"}
+_NAMED = 10  # unfinished phase-1 runs named in full when phase 2 is refused
 # What the training program uses for a grid flag a flagfile leaves unset.
 _TRAIN_DEFAULTS = {"freeze_threshold": defaults.FREEZE_THRESHOLD,
                    "freeze_interval": defaults.FREEZE_INTERVAL}
@@ -111,9 +112,10 @@ def phase2_plan(flagfile, sweep_dir, test_domains="all", seeds=defaults.SEEDS, g
     first = phase1_plan(flagfile, sweep_dir, test_domains, seeds, grid, extra_flags, command)
     missing = [out for out, _ in first if not rundir.is_finished(out)]
     if missing:
+        more = f" and {len(missing) - _NAMED} more" if len(missing) > _NAMED else ""
         raise PhasePending(f"{flagfile}: phase 1 is not finished: {len(missing)} of "
-                           f"{len(first)} runs have no {rundir.RESULTS} (first: "
-                           f"{', '.join(missing[:3])})")
+                           f"{len(first)} runs have no {rundir.RESULTS}: "
+                           f"{', '.join(missing[:_NAMED])}{more}")
     lr, means = select_lr([out for out, _ in first])
     _, second = sweep.flagfile_grid(flagfile, grid, extra_flags)
     runs = sweep.plan(flagfile, sweep_dir, test_domains, seeds,

@@ -92,7 +92,7 @@ def test_sweep_phase2_before_phase1(tmp_path):
     _refused(tmp_path, "sweep", [f"--flagfile={_flagfile(tmp_path)}", "--test_domains=photo",
                                  "--seeds=0", "--grid=paper", "--search=two_phase",
                                  "--phase=2", f"--sweep_dir={tmp_path / 's'}"], 1,
-             "phase 1 is not finished: 3 of 3 runs have no results.json (first: "
+             "phase 1 is not finished: 3 of 3 runs have no results.json: "
              f"{tmp_path / 's'}/fqat__lr-1e-05__freeze_threshold-0.3__freeze_interval-350/photo")
 
 
