@@ -114,6 +114,15 @@ LANDSCAPE_SPAN = 1.0         # coordinates run over [-span, span] along each dir
 LANDSCAPE_BATCHES = 4        # training-domain validation batches the loss is averaged over
 LANDSCAPE_SEED = 0           # seed of the two random directions
 
+# --- The paper's search and analyses (fqat_tf.sweep, fqat_tf.scale_sensitivity) --------------
+# Phase 1 of the paper's two-phase search (§5.1): the weight learning rate, selected on the
+# flagfile's own setting by training-domain validation before r and K are gridded.
+LR_GRID = (1e-5, 3e-5, 5e-5)
+# Paper Table 3 multiplies one layer's scale factors by 80%, 90%, 110% and 120%.
+SCALE_FACTORS = (0.8, 0.9, 1.1, 1.2)
+# How many `--check_only` probes of existing run directories a sweep runs at a time.
+SWEEP_CHECK_PARALLEL = 4
+
 # --- Integer TFLite export (export/) ----------------------------------------------------------
 # Activation ranges of the tensors the Keras model keeps float come from this many batches of
 # the training stream (one block per training domain, evaluation transform, no augmentation).

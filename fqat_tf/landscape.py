@@ -1,6 +1,7 @@
-"""The 2-D loss surface around a trained model (Li et al. 2018; paper Fig. 1 and 7).
+"""The 2-D loss surface around a trained model (Li et al. 2018; paper Fig. 1, 7, 8).
 
     python -m fqat_tf.landscape RUN_DIR [--out PNG] [--grid 21] [--span 1.0] [--batches 4]
+    python -m fqat_tf.landscape RUN_A RUN_B ... --out fig.png   # one panel each (Fig. 7, 8)
 
 The surface is `L(theta + a * d1 + b * d2)` over a grid of (a, b) in [-span, span]^2, for two
 random Gaussian directions d1, d2 that are filter-normalised: each filter of a direction (a
@@ -10,7 +11,9 @@ invariance that BN or quantizer steps give the weights. Biases, normalisation pa
 other 1-D variables get a zero direction (Li et al.'s `ignore biasbn`), and the quantizer steps
 (`fqat_tf.scale_variables`) are never perturbed. The model is called with training=False; the
 loss is the mean cross-entropy over a bounded number of training-domain validation batches.
-Every weight is restored bit-exactly afterwards.
+Every weight is restored bit-exactly afterwards. Several runs make one figure, a panel each,
+with one colour scale and one set of contour levels, so the panels compare
+(docs/algorithm.md §6).
 """
 import argparse
 import io
@@ -20,17 +23,23 @@ import sys
 import keras
 import numpy as np
 import tensorflow as tf
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import fqat_tf  # registers the quantization layers for deserialisation
+from fqat_tf import cli
 from fqat_tf import data
 from fqat_tf import defaults
+from fqat_tf import plots
 from fqat_tf import rundir
+from fqat_tf.errors import UserError
 
 NPZ_SUFFIX = ".npz"
 _FLAG_KEYS = ("dataset", "data_dir", "test_domains", "seed", "holdout_fraction",
               "batch_per_domain")
+
+
+class LandscapeError(UserError):
+    """A run or an argument the landscape cannot use, named."""
 
 
 def cross_entropy(labels, logits):
@@ -74,7 +83,8 @@ def directions(model, seed=defaults.LANDSCAPE_SEED):
         out.append((v, filter_normalized(rng.standard_normal(w.shape), w),
                     filter_normalized(rng.standard_normal(w.shape), w)))
     if not out:
-        raise ValueError(f"model {model.name!r} has no trainable weight of rank >= 2 to perturb")
+        raise LandscapeError(f"model {model.name!r} has no trainable weight of rank >= 2 to "
+                             f"perturb")
     return out
 
 
@@ -95,15 +105,12 @@ def loss_surface(model, batches, grid=defaults.LANDSCAPE_GRID, span=defaults.LAN
         `losses[i, j]` at `theta + alphas[i] * d1 + betas[j] * d2` (float64 [grid, grid]).
 
     Raises:
-        ValueError: an even or too small grid, a non-positive span, no batches.
+        LandscapeError: an even or too small grid, a non-positive span, no batches.
     """
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 3 or grid % 2 == 0:
-        raise ValueError(f"grid={grid!r}: expected an odd int >= 3 (the centre is the model)")
-    if not span > 0:
-        raise ValueError(f"span={span!r}: expected a positive number")
+    check_arguments(grid, span)
     batches = [(tf.convert_to_tensor(x), tf.convert_to_tensor(y)) for x, y in batches]
     if not batches:
-        raise ValueError("no batches to evaluate the loss on")
+        raise LandscapeError("no batches to evaluate the loss on")
     triples = directions(model, seed)
     originals = [tf.identity(v.value) for v, _, _ in triples]
     d1s = [tf.constant(d1, dtype=v.dtype) for v, d1, _ in triples]
@@ -148,9 +155,9 @@ def validation_batches(flags, count=defaults.LANDSCAPE_BATCHES, split="val"):
     """
     missing = [k for k in _FLAG_KEYS if k not in flags]
     if missing:
-        raise ValueError(f"{rundir.FLAGS_JSON}: missing key(s) {missing}")
+        raise LandscapeError(f"{rundir.FLAGS_JSON}: missing key(s) {missing}")
     if split not in ("val", "test"):
-        raise ValueError(f"split={split!r}: expected 'val' or 'test'")
+        raise LandscapeError(f"split={split!r}: expected 'val' or 'test'")
     tests = flags["test_domains"]
     tests = [t for t in tests.split(",") if t] if isinstance(tests, str) else list(tests)
     splits = data.load_splits(flags["dataset"], data_dir=flags["data_dir"], test_domains=tests,
@@ -158,7 +165,7 @@ def validation_batches(flags, count=defaults.LANDSCAPE_BATCHES, split="val"):
                               image_size=flags.get("image_size"))
     streams = data.eval_streams(splits, int(flags["batch_per_domain"]))[split]
     if not streams:
-        raise ValueError(f"the run has no {split} split (holdout_fraction="
+        raise LandscapeError(f"the run has no {split} split (holdout_fraction="
                          f"{flags['holdout_fraction']})")
     iterators = [iter(ds) for ds in streams.values()]
     batches = []
@@ -172,76 +179,167 @@ def validation_batches(flags, count=defaults.LANDSCAPE_BATCHES, split="val"):
     return batches
 
 
+def plot_surfaces(surfaces, png_path):
+    """Writes filled contour plots of several surfaces side by side (blue low, red high).
+
+    Every panel shares one colour scale and one set of contour levels (the minimum and
+    maximum over all surfaces), so equal colours mean equal losses across panels (paper Fig. 7
+    and 8 compare runs this way).
+
+    Args:
+        surfaces: a list of (alphas, betas, losses, title).
+        png_path: where the PNG goes (written atomically).
+    """
+    if not surfaces:
+        raise LandscapeError("no loss surface to draw")
+    low = min(float(np.min(s[2])) for s in surfaces)
+    high = max(float(np.max(s[2])) for s in surfaces)
+    levels = np.linspace(low, high + 1e-12, 30)
+    fig = Figure(figsize=(5.2 * len(surfaces) + 1.2, 5.2), layout="constrained")
+    axes = fig.subplots(1, len(surfaces), squeeze=False)[0]
+    for ax, (alphas, betas, losses, title) in zip(axes, surfaces):
+        filled = ax.contourf(alphas, betas, losses.T, levels=levels, cmap="coolwarm")
+        lines = ax.contour(alphas, betas, losses.T, levels=levels[::3], colors="k",
+                           linewidths=0.4)
+        ax.clabel(lines, fontsize=6, fmt="%.2f")
+        ax.plot([0.0], [0.0], marker="*", color="k", markersize=9, label="trained model")
+        ax.set(xlabel="direction 1 (filter-normalised)", ylabel="direction 2 (filter-normalised)",
+               title=title)
+        ax.legend(loc="upper right", fontsize=7)
+    fig.colorbar(filled, ax=list(axes), label="cross-entropy loss", format="%.3g")
+    plots.save_figure(fig, png_path)
+
+
 def plot_surface(alphas, betas, losses, png_path, title="Loss landscape"):
-    """Writes a filled contour plot of the surface (blue low, red high) atomically."""
-    fig = Figure(figsize=(6.4, 5.2), layout="constrained")
-    ax = fig.subplots()
-    levels = np.linspace(np.min(losses), np.max(losses) + 1e-12, 30)
-    filled = ax.contourf(alphas, betas, losses.T, levels=levels, cmap="coolwarm")
-    lines = ax.contour(alphas, betas, losses.T, levels=levels[::3], colors="k", linewidths=0.4)
-    ax.clabel(lines, fontsize=6, fmt="%.2f")
-    ax.plot([0.0], [0.0], marker="*", color="k", markersize=9, label="trained model")
-    fig.colorbar(filled, ax=ax, label="cross-entropy loss", format="%.3g")
-    ax.set(xlabel="direction 1 (filter-normalised)", ylabel="direction 2 (filter-normalised)",
-           title=title)
-    ax.legend(loc="upper right", fontsize=7)
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    rundir.atomic_write(png_path, buffer.getvalue(), mode="wb")
+    """Writes a filled contour plot of one surface (blue low, red high) atomically."""
+    plot_surfaces([(alphas, betas, losses, title)], png_path)
 
 
-def save_grid(path, alphas, betas, losses):
-    """Writes the grid as .npz (alphas, betas, losses) atomically."""
+def save_grid(path, alphas, betas, losses, run_dirs=None):
+    """Writes the grid as .npz (alphas, betas, losses; run_dirs for several) atomically."""
+    arrays = dict(alphas=alphas, betas=betas, losses=losses)
+    if run_dirs is not None:
+        arrays["run_dirs"] = np.array(run_dirs)
     buffer = io.BytesIO()
-    np.savez(buffer, alphas=alphas, betas=betas, losses=losses)
+    np.savez(buffer, **arrays)
     rundir.atomic_write(path, buffer.getvalue(), mode="wb")
 
 
-def run(run_dir, out=None, grid=defaults.LANDSCAPE_GRID, span=defaults.LANDSCAPE_SPAN,
-        batches=defaults.LANDSCAPE_BATCHES, seed=defaults.LANDSCAPE_SEED, split="val"):
-    """Draws the loss landscape of a run's selected model; returns (png path, npz path)."""
+def _open_run(run_dir):
+    """The run's flags; refuses a run without a selected model or with incomplete flags."""
     model_path = os.path.join(run_dir, rundir.MODEL)
+    if not os.path.isdir(run_dir):
+        raise LandscapeError(f"{run_dir}: no such run directory")
     if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"{model_path}: no such file (has the run finished?)")
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise ValueError(f"batches={batches!r}: expected a positive int")
-    flags = rundir.read_json(os.path.join(run_dir, rundir.FLAGS_JSON))
-    model = keras.saving.load_model(model_path, safe_mode=True)
-    alphas, betas, losses = loss_surface(model, validation_batches(flags, batches, split),
-                                         grid, span, seed)
-    png = out or os.path.join(run_dir, "landscape.png")
+        raise LandscapeError(f"{model_path}: no such file (has the run finished?)")
+    try:
+        flags = rundir.read_json(os.path.join(run_dir, rundir.FLAGS_JSON))
+    except (FileNotFoundError, ValueError) as e:
+        raise LandscapeError(str(e)) from None
+    missing = [k for k in _FLAG_KEYS if k not in flags]
+    if missing:
+        raise LandscapeError(f"{os.path.join(run_dir, rundir.FLAGS_JSON)}: missing key(s) "
+                             f"{missing}")
+    return flags
+
+
+def run(run_dirs, out=None, grid=defaults.LANDSCAPE_GRID, span=defaults.LANDSCAPE_SPAN,
+        batches=defaults.LANDSCAPE_BATCHES, seed=defaults.LANDSCAPE_SEED, split="val"):
+    """Draws the loss landscape of one or several runs' selected models.
+
+    Args:
+        run_dirs: a finished run directory, or a list of them (one panel each, one shared
+            colour scale; the same directions seed for every run).
+        out: the PNG; default RUN_DIR/landscape.png for one run, required for several. The
+            grid goes beside it as .npz (losses [grid, grid], or [runs, grid, grid] with the
+            run_dirs).
+        grid, span, batches, seed, split: see `loss_surface` and `validation_batches`.
+
+    Returns:
+        (png path, npz path).
+    """
+    several = not isinstance(run_dirs, str)
+    run_dirs = list(run_dirs) if several else [run_dirs]
+    check_arguments(grid, span, batches)
+    if several and not out:
+        raise LandscapeError("several runs need --out (the figure holds one panel per run)")
+    flags = [_open_run(d) for d in run_dirs]  # every run is checked before any is evaluated
+    surfaces = []
+    for run_dir, f in zip(run_dirs, flags):
+        model = keras.saving.load_model(os.path.join(run_dir, rundir.MODEL), safe_mode=True)
+        alphas, betas, losses = loss_surface(model, validation_batches(f, batches, split),
+                                             grid, span, seed)
+        tests = f["test_domains"]
+        tests = tests if isinstance(tests, str) else ",".join(tests)
+        title = f"{f.get('method', '')} {f['dataset']} (test {tests}): {split} loss"
+        surfaces.append((alphas, betas, losses,
+                         title + (f"\n{_short(run_dir)}" if several else "")))
+    png = out or os.path.join(run_dirs[0], "landscape.png")
     npz = os.path.splitext(png)[0] + NPZ_SUFFIX
-    tests = flags["test_domains"]
-    tests = tests if isinstance(tests, str) else ",".join(tests)
-    plot_surface(alphas, betas, losses, png,
-                 title=f"{flags.get('method', '')} {flags['dataset']} (test {tests}): "
-                       f"{split} loss")
-    save_grid(npz, alphas, betas, losses)
+    plot_surfaces(surfaces, png)
+    if several:
+        save_grid(npz, surfaces[0][0], surfaces[0][1], np.stack([s[2] for s in surfaces]),
+                  run_dirs)
+    else:
+        save_grid(npz, *surfaces[0][:3])
     return png, npz
 
 
+def _short(path, width=40):
+    return path if len(path) <= width else "..." + path[-(width - 3):]
+
+
+def check_arguments(grid, span, batches=1):
+    """Refuses an even or too small grid, a non-positive span or batch count (LandscapeError)."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 3 or grid % 2 == 0:
+        raise LandscapeError(f"grid={grid!r}: expected an odd int >= 3 (the centre is the "
+                             f"model)")
+    if not span > 0:
+        raise LandscapeError(f"span={span!r}: expected a positive number")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise LandscapeError(f"batches={batches!r}: expected a positive int")
+
+
+def _checked(convert, name):
+    """An argparse type: `convert` the text, then `check_arguments` on it as `name`."""
+    def parse(text):
+        try:
+            value = convert(text)
+            check_arguments(**dict(dict(grid=3, span=1.0, batches=1), **{name: value}))
+        except ValueError as e:  # LandscapeError is one
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
+PROG = "fqat_tf.landscape"
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fqat_tf.landscape",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
-    parser.add_argument("--out", help="the PNG (default RUN_DIR/landscape.png); the grid goes "
-                                      "beside it as .npz")
-    parser.add_argument("--grid", type=int, default=defaults.LANDSCAPE_GRID)
-    parser.add_argument("--span", type=float, default=defaults.LANDSCAPE_SPAN)
-    parser.add_argument("--batches", type=int, default=defaults.LANDSCAPE_BATCHES)
+    parser = cli.ArgumentParser(prog=PROG,
+                                description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="finished run directories: one panel each, one colour scale")
+    parser.add_argument("--out", help="the PNG (default RUN_DIR/landscape.png for one run; "
+                                      "required for several); the grid goes beside it as .npz")
+    parser.add_argument("--grid", type=_checked(int, "grid"), default=defaults.LANDSCAPE_GRID)
+    parser.add_argument("--span", type=_checked(float, "span"), default=defaults.LANDSCAPE_SPAN)
+    parser.add_argument("--batches", type=_checked(int, "batches"),
+                        default=defaults.LANDSCAPE_BATCHES)
     parser.add_argument("--seed", type=int, default=defaults.LANDSCAPE_SEED)
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="val: training-domain validation (default); test: held-out domains")
-    args = parser.parse_args(argv)
-    try:
-        png, npz = run(args.run_dir, args.out, args.grid, args.span, args.batches, args.seed,
-                       args.split)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fqat_tf.landscape: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {png} and {npz}")
-    return 0
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if len(args.run_dirs) > 1 and not args.out:
+        parser.error("several RUN_DIRs need --out (one figure, one panel per run)")
+
+    def body():
+        png, npz = run(args.run_dirs if len(args.run_dirs) > 1 else args.run_dirs[0],
+                       args.out, args.grid, args.span, args.batches, args.seed, args.split)
+        print(f"wrote {png} and {npz}")
+
+    cli.configure_logging(args.verbosity)
+    return cli.run(PROG, body, args.verbosity)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
-"""Aggregates finished runs into the paper's table format (Tables 1-2 and 11-26).
+"""Aggregates finished runs into the paper's tables (Tables 1-2 and 5-26; docs/algorithm.md §4).
 
     python -m fqat_tf.report runs/sweep --out table.md --csv table.csv [--select_hparams] \
-        [--paired_with=lsq --paired_with=erm]
+        [--paired_with=lsq --paired_with=erm] [--split=val|test] [--heatmap=fig6.png]
 
 One row per method setting (method, quantizer, bit widths, hyperparameters other than the seed
-and the test domains), one (Val, Test) column pair per test domain plus the average. As in
+and the test domains), one (Val, Test) column pair per test domain plus the average, or with
+`--split` one table of Val or of Test alone (the paper's Tables 5-26). `--heatmap` draws the
+(K, r) grid of the freezing methods against LSQ+SAGM (paper Fig. 6, `fqat_tf.freeze_grid`). As in
 DomainBed's leave-one-domain-out tables, the Val cell of a domain is the training-domain
 validation accuracy of the runs that hold that domain out, the Test cell their accuracy on it;
 a run holding out a group (DomainNet's pairs) fills the columns of every domain in the group.
 Cells are "mean +- error" over seeds in percent.
 """
-import argparse
 import collections
 import csv
 import dataclasses
@@ -21,6 +22,7 @@ import sys
 
 import numpy as np
 
+from fqat_tf import cli
 from fqat_tf import methods
 from fqat_tf import rundir
 from fqat_tf.data import registry
@@ -33,6 +35,9 @@ AVG_STDS = {"seeds": "Avg: mean over seeds of each seed's average over the domai
                      "with the same error of those per-seed averages",
             "domains": "Avg: mean of the column means +- mean of the column errors (the "
                        "convention of the paper's Tables 11-26)"}
+# The table parts; the paper prints each as a table of its own (Tables 5-26).
+SPLITS = {"val": "Val = training-domain validation (in-distribution)",
+          "test": "Test = held-out domain (out-of-distribution)"}
 _NOT_HPARAMS = ("seed", "test_domains")
 _REQUIRED = ("dataset", "method", "quantizer", "weight_bits", "activation_bits", "test_domains",
              "seed", "hparams", "test", "val_avg")
@@ -77,7 +82,10 @@ def find_runs(roots):
 
 def load_run(run_dir):
     """Reads one finished run; a clear error naming the file if a key is missing."""
-    res = rundir.read_results(run_dir)
+    try:
+        res = rundir.read_results(run_dir)
+    except (FileNotFoundError, ValueError) as e:  # no such file, or not JSON: both named
+        raise ReportError(str(e)) from None
     path = os.path.join(run_dir, rundir.RESULTS)
     missing = [k for k in _REQUIRED if k not in res]
     if missing:
@@ -158,7 +166,8 @@ def _row(setting, runs, columns, error, avg_std):
     return {"dataset": runs[0].dataset, "method": method, "quantizer": quantizer,
             "weight_bits": wbits, "activation_bits": abits, "columns": list(columns),
             "cells": cells, "avg": avg, "per_seed": per_col, "seeds": seeds, "runs": len(runs),
-            "error": error, "avg_std": avg_std, "selection": sorted({r.selection for r in runs if r.selection})}
+            "error": error, "avg_std": avg_std,
+            "selection": sorted({r.selection for r in runs if r.selection})}
 
 
 def _varying(hparam_dicts):
@@ -171,20 +180,39 @@ def _describe(hparams, keys):
     return ", ".join(f"{k}={hparams.get(k)}" for k in keys)
 
 
-def _select(family_runs):
-    """Per test group, the runs of the hparam setting with the best mean validation accuracy.
+def best_setting(runs, key=lambda run: run.hkey):
+    """The runs of the setting with the best mean training-domain validation accuracy.
 
-    Only the training-domain validation accuracy (val_avg) decides; ties go to the first
-    setting in canonical order, so the choice never depends on test accuracy.
+    The model selection of every table, figure and search of the project: only val_avg
+    decides, averaged over whatever runs a setting has (test groups and seeds); ties go to the
+    first setting in canonical order, so the choice never depends on test accuracy.
+
+    Args:
+        runs: `Run`s, each belonging to one setting.
+        key: the setting of a run (default: its hyperparameters as canonical JSON).
+
+    Returns:
+        The list of runs of the chosen setting.
     """
-    by_group = collections.defaultdict(lambda: collections.defaultdict(list))
+    settings = collections.defaultdict(list)
+    for r in runs:
+        settings[key(r)].append(r)
+    if not settings:
+        raise ReportError("no runs to select a setting from")
+    best = max(sorted(settings), key=lambda s: np.mean([r.val_avg for r in settings[s]]))
+    return settings[best]
+
+
+def _select(family_runs):
+    """Per test group, the runs of the hparam setting with the best mean validation accuracy."""
+    by_group = collections.defaultdict(list)
     for r in family_runs:
-        by_group[r.test_domains][r.hkey].append(r)
+        by_group[r.test_domains].append(r)
     chosen, selected = [], {}
-    for group, settings in by_group.items():
-        best = max(sorted(settings), key=lambda h: np.mean([r.val_avg for r in settings[h]]))
-        chosen.extend(settings[best])
-        selected["+".join(group)] = settings[best][0].hparams
+    for group, runs in by_group.items():
+        best = best_setting(runs)
+        chosen.extend(best)
+        selected["+".join(group)] = best[0].hparams
     return chosen, selected
 
 
@@ -279,18 +307,27 @@ def _check_rows(rows):
         raise ReportError("rows of different datasets or columns cannot share a table")
 
 
-def to_markdown(rows):
-    """The rows as a Markdown table with a footer that states every convention used."""
+def to_markdown(rows, split=None):
+    """The rows as a Markdown table with a footer that states every convention used.
+
+    Args:
+        rows: rows of `aggregate`.
+        split: None for one table with a (Val, Test) pair per domain; "val" or "test" for the
+            table of that part alone, one column per domain (the paper's Tables 5-26).
+    """
     _check_rows(rows)
+    if split is not None and split not in SPLITS:
+        raise ReportError(f"--split={split}: expected one of {list(SPLITS)}")
     columns = rows[0]["columns"]
-    header = ["Method", "W/A"] + [f"{c} {p}" for c in columns + ["Avg"]
-                                  for p in ("Val", "Test")] + ["Seeds"]
-    lines = [f"### {rows[0]['dataset']}: accuracy (%), Val = training-domain validation "
-             f"(in-distribution), Test = held-out domain (out-of-distribution)", "",
+    parts = ("val", "test") if split is None else (split,)
+    header = ["Method", "W/A"] + [f"{c} {p.title()}" if split is None else c
+                                  for c in columns + ["Avg"] for p in parts] + ["Seeds"]
+    title = ", ".join(SPLITS[p] for p in parts)
+    lines = [f"### {rows[0]['dataset']}: accuracy (%), {title}", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [_cell(row["cells"][c][p], row["seeds"]) for c in columns for p in ("val", "test")]
-        cells += [_cell(row["avg"][p], row["seeds"]) for p in ("val", "test")]
+        cells = [_cell(row["cells"][c][p], row["seeds"]) for c in columns for p in parts]
+        cells += [_cell(row["avg"][p], row["seeds"]) for p in parts]
         lines.append("| " + " | ".join([row["label"], _bits(row)] + cells +
                                        [", ".join(map(str, row["seeds"]))]) + " |")
     lines += ["", f"- Cells: mean ± {ERRORS[rows[0]['error']]}, in percent; (n=k) marks a "
@@ -406,9 +443,34 @@ def to_csv(rows):
     return out.getvalue()
 
 
+PROG = "fqat_tf.report"
+
+
+def _report(args):
+    run_dirs = find_runs(args.roots)
+    rows = aggregate(run_dirs, args.select_hparams, args.error, args.avg_std)
+    markdown = to_markdown(rows, args.split)
+    for reference in args.paired_with:
+        markdown += "\n" + paired_markdown(paired_differences(rows, reference),
+                                           rows[0]["columns"], reference)
+    grids = None
+    if args.heatmap:
+        from fqat_tf import freeze_grid  # matplotlib loads only when a figure is asked for
+
+        grids = freeze_grid.freeze_grids(_dedupe([load_run(d) for d in run_dirs]))
+    # Every input is checked before the first file is written.
+    if args.out:
+        rundir.atomic_write(args.out, markdown)
+    if args.csv:
+        rundir.atomic_write(args.csv, to_csv(rows))
+    if grids is not None:
+        freeze_grid.plot_freeze_grids(grids, args.heatmap)
+    print(markdown, end="")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fqat_tf.report", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=PROG,
+                                description=__doc__.split("\n\n")[0])
     parser.add_argument("roots", nargs="+", metavar="RUN_ROOT",
                         help="folders searched for finished runs (results.json)")
     parser.add_argument("--out", help="write the Markdown table here (it is printed anyway)")
@@ -418,25 +480,17 @@ def main(argv=None):
                              "the best mean training-domain validation accuracy")
     parser.add_argument("--error", choices=sorted(ERRORS), default="std")
     parser.add_argument("--avg_std", choices=sorted(AVG_STDS), default="seeds")
+    parser.add_argument("--split", choices=sorted(SPLITS),
+                        help="one table of that part alone, a column per domain (the paper's "
+                             "Tables 5-26); default: a (Val, Test) pair per domain")
     parser.add_argument("--paired_with", action="append", default=[], metavar="METHOD",
                         help="add a table of per-seed Test differences against this method "
                              "(e.g. lsq, erm); repeatable")
-    args = parser.parse_args(argv)
-    try:
-        rows = aggregate(find_runs(args.roots), args.select_hparams, args.error, args.avg_std)
-        markdown = to_markdown(rows)
-        for reference in args.paired_with:
-            markdown += "\n" + paired_markdown(paired_differences(rows, reference),
-                                               rows[0]["columns"], reference)
-        if args.out:
-            rundir.atomic_write(args.out, markdown)
-        if args.csv:
-            rundir.atomic_write(args.csv, to_csv(rows))
-    except (ReportError, FileNotFoundError, ValueError) as e:
-        print(f"fqat_tf.report: error: {e}", file=sys.stderr)
-        return 1
-    print(markdown, end="")
-    return 0
+    parser.add_argument("--heatmap", metavar="PNG",
+                        help="also draw the (K, r) grid of the freezing methods against the "
+                             "LSQ+SAGM baseline here (paper Fig. 6)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return cli.run(PROG, lambda: _report(args), args.verbosity)
 
 
 if __name__ == "__main__":

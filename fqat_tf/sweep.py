@@ -1,40 +1,49 @@
-"""Leave-one-domain-out sweeps: test domains x seeds x a hyperparameter grid, one run each.
+"""Leave-one-domain-out sweeps: test domains x seeds x a grid (docs/algorithm.md §4).
 
     python -m fqat_tf.sweep --flagfile=experiments/pacs_w4.cfg --sweep_dir=runs/pacs_w4 \\
         --seeds=0,23 --grid="freeze_threshold=0.28,0.30,0.32;freeze_interval=300,350,400" \\
         [--test_domains=all|a,b|a+b,c+d] [--dry_run] [--parallel=1] [-- --smoke]
     python -m fqat_tf.sweep --flagfile='experiments/rotated_mnist_*.cfg' --grid=paper ...
+    python -m fqat_tf.sweep ... --grid=paper --search=two_phase [--phase=1|2|both]
+    python -m fqat_tf.sweep ... --devices=all [--gpus_per_run=2]    # one run per GPU (group)
+    python -m fqat_tf.sweep ... --launcher=commands > runs.txt      # for Slurm / GNU parallel
 
 Each run is a subprocess `python -m fqat_tf.train --flagfile=... [extra flags] --test_domains=...
---seed=... --<grid flags> --output_dir=SWEEP_DIR/<cfg>[__<grid point>]/<test>/seed<k>`, and every run shares the
-ERM cache SWEEP_DIR/erm_cache, so all methods of a sweep start from the same ERM stages. Finished runs
-(results.json present) are skipped; an interrupted run is simply started again with the same
-output_dir, from which the training program resumes by itself. `--grid=paper` takes the paper's
-r and K grid for the flagfile's dataset and weight bits, for the methods that freeze (other
-methods run once per test group and seed). `--flagfile` may be repeated or be a glob: one sweep
-then runs every flagfile's plan, in the order given. Flags after `--` go to every run.
+--seed=... --<grid flags> --output_dir=SWEEP_DIR/<cfg>[__<grid point>]/<test>/seed<k>`, and
+every run shares the ERM cache SWEEP_DIR/erm_cache, so all methods of a sweep start from the
+same ERM stages. Before anything starts, the training program is asked about every run
+directory that exists (`fqat_tf.launch`): finished runs with the same settings are skipped, an
+interrupted one is started again and resumes by itself, and one holding a run with other
+settings is a conflict (reported, not run, exit status 1). `--grid=paper` takes the paper's r
+and K grid for the flagfile's dataset and weight bits, for the methods that freeze (other
+methods run once per test group and seed); `--search=two_phase` first selects the learning
+rate (`fqat_tf.search`). `--flagfile` may be repeated or be a glob: one sweep then runs every
+flagfile's plan, in the order given. Flags after `--` go to every run.
 """
 import argparse
 import glob
 import itertools
 import os
 import shlex
-import subprocess
 import sys
-import time
 
 from absl import flags as absl_flags
 
+from fqat_tf import cli
 from fqat_tf import defaults
+from fqat_tf import devices
+from fqat_tf import launch
 from fqat_tf import methods
-from fqat_tf import rundir
 from fqat_tf.data import registry
+from fqat_tf.errors import UserError
 
 TRAIN_COMMAND = (sys.executable, "-m", "fqat_tf.train")
-SWEEP_JSON = "sweep.json"
-LOGS = "logs"
 # Set by the sweep for every run; a grid or extra flag may not set them.
 CONTROLLED_FLAGS = ("flagfile", "test_domains", "seed", "output_dir")
+
+
+class SweepError(UserError):
+    """A sweep that cannot be planned or run as asked, naming the flagfile, flag or run."""
 
 
 def expand_flags(flagfile, extra_flags=()):
@@ -58,7 +67,7 @@ def expand_flagfiles(patterns):
 
     Raises:
         FileNotFoundError: a pattern that matches no file.
-        ValueError: two flagfiles with the same stem (their runs would share folders).
+        SweepError: two flagfiles with the same stem (their runs would share folders).
     """
     files = []
     for pattern in patterns:
@@ -70,7 +79,7 @@ def expand_flagfiles(patterns):
     stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
-        raise ValueError(f"--flagfile: several flagfiles named {repeated}; their runs would "
+        raise SweepError(f"--flagfile: several flagfiles named {repeated}; their runs would "
                          f"share folders")
     return files
 
@@ -94,10 +103,10 @@ def check_extra_flags(extra_flags):
     """Extra flags must be `--name=value` (or a bare boolean) and not set a sweep flag."""
     for arg in extra_flags:
         if not arg.startswith("--") or len(arg) < 3:
-            raise ValueError(f"extra flag {arg!r}: pass flags after '--' as --name=value")
+            raise cli.UsageError(f"extra flag {arg!r}: pass flags after '--' as --name=value")
         if _flag_names(arg) & set(CONTROLLED_FLAGS):
-            raise ValueError(f"extra flag {arg!r}: {CONTROLLED_FLAGS} are set by the sweep; use "
-                             f"its own options (--flagfile, --test_domains, --seeds)")
+            raise cli.UsageError(f"extra flag {arg!r}: {CONTROLLED_FLAGS} are set by the sweep; "
+                                 f"use its own options (--flagfile, --test_domains, --seeds)")
     return list(extra_flags)
 
 
@@ -105,7 +114,7 @@ def parse_grid(text):
     """Parses "name=v1,v2;name2=v3" into {name: [v1, v2], name2: [v3]} (values as text).
 
     Raises:
-        ValueError: a part without "=", an empty name or value, a repeated name, or a flag the
+        UsageError: a part without "=", an empty name or value, a repeated name, or a flag the
             sweep sets itself.
     """
     grid = {}
@@ -114,19 +123,20 @@ def parse_grid(text):
         name = name.strip().lstrip("-")
         items = [v.strip() for v in values.split(",")]
         if not sep or not name.isidentifier():
-            raise ValueError(f"--grid part {part!r}: expected name=value1,value2,...")
+            raise cli.UsageError(f"--grid part {part!r}: expected name=value1,value2,...")
         if not all(items):
-            raise ValueError(f"--grid part {part!r}: empty value")
+            raise cli.UsageError(f"--grid part {part!r}: empty value")
         if name in grid:
-            raise ValueError(f"--grid names {name!r} twice")
+            raise cli.UsageError(f"--grid names {name!r} twice")
         if name in CONTROLLED_FLAGS:
-            raise ValueError(f"--grid may not set {name!r}; the sweep sets {CONTROLLED_FLAGS}")
+            raise cli.UsageError(f"--grid may not set {name!r}; the sweep sets "
+                                 f"{CONTROLLED_FLAGS}")
         grid[name] = items
     return grid
 
 
 def paper_grid(dataset, weight_bits):
-    """The paper's freeze grid (r, K) for a dataset and weight bit width (ALGORITHM.md §3).
+    """The paper's freeze grid (r, K) for a dataset and weight bit width (docs/algorithm.md §3).
 
     RotatedMNIST, which the paper does not quantize, gets the grid of the offline results table
     (`defaults.FREEZE_GRID["rotated_mnist_miniature"]`) at every bit width.
@@ -140,7 +150,7 @@ def paper_grid(dataset, weight_bits):
         key = {3: "pacs_officehome_3bit", 4: "pacs_officehome_4_5bit",
                5: "pacs_officehome_4_5bit"}.get(bits)
     if key is None:
-        raise ValueError(f"--grid=paper: the paper has no freeze grid for {dataset} at "
+        raise SweepError(f"--grid=paper: the paper has no freeze grid for {dataset} at "
                          f"{bits} weight bits")
     cell = defaults.FREEZE_GRID[key]
     return {"freeze_threshold": [f"{r:g}" for r in cell["r"]],
@@ -181,6 +191,30 @@ def setting_name(assignment):
     return "__".join(f"{k}-{_safe(v)}" for k, v in assignment) or "default"
 
 
+def flagfile_grid(flagfile, grid, extra_flags=()):
+    """The flags a flagfile's runs see and the grid it gets (see `plan`'s `grid`).
+
+    Returns:
+        (expanded flags, grid dict name -> list of value texts).
+    """
+    expanded = expand_flags(flagfile, extra_flags)
+    dataset = flag_value(expanded, "dataset")
+    if dataset is None:
+        raise SweepError(f"--flagfile={flagfile} sets no --dataset")
+    if grid == "paper":
+        method = flag_value(expanded, "method", defaults.METHOD)
+        try:
+            masked = methods.resolve(method).masked
+        except ValueError as e:
+            raise SweepError(f"--flagfile={flagfile}: {e}") from None
+        grid = paper_grid(dataset, flag_value(expanded, "weight_bits", defaults.WEIGHT_BITS)) \
+            if masked else {}
+    if grid is None or isinstance(grid, str):
+        return expanded, parse_grid(grid)
+    return expanded, parse_grid(";".join(f"{k}={','.join(map(str, v))}"
+                                         for k, v in grid.items()))
+
+
 def plan(flagfile, sweep_dir, test_domains="all", seeds=defaults.SEEDS, grid=None,
          extra_flags=(), command=TRAIN_COMMAND):
     """Every run of a sweep, finished or not, in launch order (grid point, test group, seed).
@@ -200,31 +234,18 @@ def plan(flagfile, sweep_dir, test_domains="all", seeds=defaults.SEEDS, grid=Non
         A list of (output_dir, argv).
 
     Raises:
-        ValueError / DataError / FileNotFoundError: bad arguments, each naming the culprit.
+        SweepError / UsageError / DataError / FileNotFoundError: bad arguments, each naming
+            the culprit.
     """
     extra = check_extra_flags(extra_flags)
-    expanded = expand_flags(flagfile, extra)
+    expanded, grid = flagfile_grid(flagfile, grid, extra)
     dataset = flag_value(expanded, "dataset")
-    if dataset is None:
-        raise ValueError(f"--flagfile={flagfile} sets no --dataset")
-    if grid == "paper":
-        method = flag_value(expanded, "method", defaults.METHOD)
-        try:
-            masked = methods.resolve(method).masked
-        except ValueError as e:
-            raise ValueError(f"--flagfile={flagfile}: {e}") from None
-        grid = paper_grid(dataset, flag_value(expanded, "weight_bits", defaults.WEIGHT_BITS)) \
-            if masked else {}
-    if grid is None or isinstance(grid, str):
-        grid = parse_grid(grid)
-    else:
-        grid = parse_grid(";".join(f"{k}={','.join(map(str, v))}" for k, v in grid.items()))
     clash = sorted(k for k in grid if any(k in _flag_names(a) for a in extra))
     if clash:
-        raise ValueError(f"{clash} set both by --grid and by an extra flag")
+        raise cli.UsageError(f"{clash} set both by --grid and by an extra flag")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds={seeds}: give at least one seed, each once")
+        raise cli.UsageError(f"--seeds={seeds}: give at least one seed, each once")
     groups = test_groups(dataset, test_domains)
     stem = os.path.splitext(os.path.basename(flagfile))[0]
     if not any("erm_cache_dir" in _flag_names(a) for a in extra):
@@ -245,105 +266,93 @@ def plan(flagfile, sweep_dir, test_domains="all", seeds=defaults.SEEDS, grid=Non
     return runs
 
 
-def _log_path(sweep_dir, output_dir):
-    name = os.path.relpath(output_dir, sweep_dir).replace(os.sep, "__")
-    return os.path.join(sweep_dir, LOGS, name + ".log")
-
-
-def run_sweep(runs, sweep_dir, parallel=1, poll_s=0.2, echo=print):
-    """Runs every unfinished run, `parallel` at a time; each run's output goes to a log file.
-
-    Returns:
-        {"done": [...], "skipped": [...], "failed": [...]} of output dirs.
-    """
-    if parallel < 1:
-        raise ValueError(f"--parallel={parallel}: expected at least 1")
-    status = {"done": [], "skipped": [], "failed": []}
-    pending = []
-    for out, argv in runs:
-        if rundir.is_finished(out):
-            status["skipped"].append(out)
-        else:
-            pending.append((out, argv))
-    os.makedirs(os.path.join(sweep_dir, LOGS), exist_ok=True)
-    active = []  # (process, output_dir, log file, start time)
+def _options(args):
+    """Checks the options that do not depend on the flagfiles (usage errors, exit 2)."""
+    if args.parallel < 1:
+        raise cli.UsageError(f"--parallel={args.parallel}: expected at least 1")
+    if args.gpus_per_run < 1:
+        raise cli.UsageError(f"--gpus_per_run={args.gpus_per_run}: expected at least 1")
+    if args.devices and args.parallel != 1:
+        raise cli.UsageError("--parallel with --devices: the runs at a time are the device "
+                             "groups (--devices / --gpus_per_run)")
+    if args.devices and args.launcher == "commands":
+        raise cli.UsageError("--devices with --launcher=commands: the scheduler that runs the "
+                             "commands assigns the GPUs")
+    if args.gpus_per_run > 1 and not args.devices and args.launcher != "commands":
+        raise cli.UsageError(f"--gpus_per_run={args.gpus_per_run} needs --devices (or "
+                             f"--launcher=commands)")
+    if args.phase and not args.search:
+        raise cli.UsageError("--phase needs --search=two_phase")
     try:
-        while pending or active:
-            while pending and len(active) < parallel:
-                out, argv = pending.pop(0)
-                log = open(_log_path(sweep_dir, out), "a")
-                echo(f"[start] {out}  (log {log.name})")
-                active.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT),
-                               out, log, time.time()))
-            for item in [a for a in active if a[0].poll() is not None]:
-                proc, out, log, start = item
-                log.close()
-                active.remove(item)
-                ok = proc.returncode == 0
-                status["done" if ok else "failed"].append(out)
-                verdict = "done" if ok else f"FAILED rc={proc.returncode}"
-                echo(f"[{verdict}] {out} ({time.time() - start:.0f} s)")
-            if active:
-                time.sleep(poll_s)
-    except KeyboardInterrupt:
-        for proc, out, log, _ in active:
-            proc.terminate()
-            proc.wait()
-            log.close()
-            status["failed"].append(out)
-        raise
-    finally:
-        rundir.write_json(os.path.join(sweep_dir, SWEEP_JSON), {
-            "runs": [{"output_dir": out, "argv": argv} for out, argv in runs], **status})
-    return status
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise cli.UsageError(f"--seeds={args.seeds}: expected integers, e.g. 0,23") from None
+    return seeds
+
+
+def _sweep(args, extra):
+    seeds = _options(args)
+    command = shlex.split(args.train_command) if args.train_command else TRAIN_COMMAND
+    if args.gpus_per_run > 1:
+        if any("strategy" in _flag_names(a) for a in extra):
+            raise cli.UsageError("--gpus_per_run > 1 sets --strategy=mirrored; drop the extra "
+                                 "--strategy flag")
+        extra = [*extra, "--strategy=mirrored"]
+    # GPUs are checked before anything is planned, run or written.
+    groups = devices.device_groups(args.devices, args.gpus_per_run) if args.devices else None
+    flagfiles = expand_flagfiles(args.flagfile)
+    if args.search is None:
+        runs = [run for flagfile in flagfiles for run in plan(
+            flagfile, args.sweep_dir, args.test_domains, seeds, args.grid or None, extra,
+            command)]
+        return launch.execute(runs, f"sweep {args.sweep_dir}", args.sweep_dir, _mode(args),
+                              args.parallel, groups)
+    from fqat_tf import search  # built on this module's planning
+
+    return search.run_search(flagfiles, args.sweep_dir, args.phase or "both", _mode(args),
+                             dict(test_domains=args.test_domains, seeds=seeds,
+                                  grid=args.grid or None, extra_flags=extra, command=command),
+                             args.parallel, groups)
+
+
+def _mode(args):
+    return "dry_run" if args.dry_run else "commands" if args.launcher == "commands" else "run"
+
+
+PROG = "fqat_tf.sweep"
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m fqat_tf.sweep",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=PROG,
+                                description=__doc__.split("\n\n")[0])
     parser.add_argument("--flagfile", required=True, action="append",
                         help="an experiment's flagfile or a glob of them (quote it); repeatable")
     parser.add_argument("--sweep_dir", required=True, help="folder of the run directories")
     parser.add_argument("--test_domains", default="all", help="all | a,b | a+b,c+d")
     parser.add_argument("--seeds", default=",".join(map(str, defaults.SEEDS)))
     parser.add_argument("--grid", default="", help='"name=v1,v2;name2=v3" or "paper"')
+    parser.add_argument("--search", choices=("two_phase",),
+                        help="the paper's search: phase 1 selects the learning rate "
+                             "(defaults.LR_GRID), phase 2 runs --grid at it")
+    parser.add_argument("--phase", choices=("1", "2", "both"),
+                        help="with --search: which phase to list, print or run (default both)")
     parser.add_argument("--dry_run", action="store_true", help="list the runs, start none")
+    parser.add_argument("--launcher", choices=("local", "commands"), default="local",
+                        help="local: run here; commands: print one shell command per run "
+                             "that is not finished, start nothing")
     parser.add_argument("--parallel", type=int, default=1,
-                        help="runs at a time (each may claim the whole accelerator)")
+                        help="runs at a time on the default devices (CPU)")
+    parser.add_argument("--devices", help="GPUs to run on, 'all' or indices (0,1,2,3): one "
+                                          "run per GPU group at a time")
+    parser.add_argument("--gpus_per_run", type=int, default=1,
+                        help="GPUs per run (>1 adds --strategy=mirrored)")
     # Internal: the training program's argv prefix, so tests can substitute a stand-in.
     parser.add_argument("--train_command", help=argparse.SUPPRESS)
     args = parser.parse_args(own)
-    command = shlex.split(args.train_command) if args.train_command else TRAIN_COMMAND
-    try:
-        if args.parallel < 1:
-            raise ValueError(f"--parallel={args.parallel}: expected at least 1")
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        runs = [run for flagfile in expand_flagfiles(args.flagfile)
-                for run in plan(flagfile, args.sweep_dir, args.test_domains, seeds,
-                                args.grid or None, extra, command)]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fqat_tf.sweep: error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        for out, run_argv in runs:
-            state = "finished" if rundir.is_finished(out) else "to run"
-            print(f"[{state}] {shlex.join(run_argv)}")
-        print(f"{len(runs)} runs planned")
-        return 0
-    try:
-        status = run_sweep(runs, args.sweep_dir, args.parallel)
-    except KeyboardInterrupt:
-        print(f"sweep {args.sweep_dir}: interrupted; rerun the same command to continue",
-              file=sys.stderr)
-        return 130
-    print(f"sweep {args.sweep_dir}: {len(status['done'])} done, {len(status['skipped'])} "
-          f"skipped (already finished), {len(status['failed'])} failed")
-    for out in status["failed"]:
-        print(f"  failed: {out} (log {_log_path(args.sweep_dir, out)})")
-    return 1 if status["failed"] else 0
+    return cli.run(PROG, lambda: _sweep(args, extra), args.verbosity)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from matplotlib.contour import ContourSet
 
 import fqat_tf
-from fqat_tf import landscape, rundir
+from fqat_tf import landscape, plots, rundir
 from fqat_tf.models.mnist_cnn import mnist_cnn
 
 
@@ -141,8 +142,52 @@ def test_cli_on_a_run_directory(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
     assert landscape.main([str(tmp_path / "absent")]) == 1
+    assert "absent: no such run directory" in capsys.readouterr().err
+    os.remove(run_dir / "landscape.npz")
+    os.rename(run_dir / rundir.MODEL, run_dir / "kept.keras")
+    assert landscape.main([str(run_dir)]) == 1
     assert "model.keras: no such file" in capsys.readouterr().err
+    os.rename(run_dir / "kept.keras", run_dir / rundir.MODEL)
     del flags["holdout_fraction"]
     (run_dir / rundir.FLAGS_JSON).write_text(json.dumps(flags))
     assert landscape.main([str(run_dir), "--grid", "3"]) == 1
     assert "missing key(s) ['holdout_fraction']" in capsys.readouterr().err
+
+
+def test_several_runs_share_one_colour_scale(tmp_path, monkeypatch):
+    figures = []
+    original = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure",
+                        lambda fig, path: figures.append(fig) or original(fig, path))
+    flags = {"dataset": "rotated_mnist_5k", "data_dir": None, "test_domains": ["0"],
+             "seed": 0, "holdout_fraction": 0.2, "batch_per_domain": 4, "method": "fqat"}
+    run_dirs = []
+    for i in range(2):
+        keras.utils.set_random_seed(i)
+        model, _, _ = _quantized_model()
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        model.save(str(run_dir / rundir.MODEL))
+        (run_dir / rundir.FLAGS_JSON).write_text(json.dumps(flags))
+        run_dirs.append(str(run_dir))
+    out = str(tmp_path / "fig7.png")
+    assert landscape.main([*run_dirs, "--out", out, "--grid", "3", "--batches", "1"]) == 0
+    grid = np.load(tmp_path / "fig7.npz")
+    assert grid["losses"].shape == (2, 3, 3) and list(grid["run_dirs"]) == run_dirs
+    # The two models differ, so do their surfaces; the colour scale spans both.
+    assert not np.array_equal(grid["losses"][0], grid["losses"][1])
+    (fig,) = figures
+    sets = [c for ax in fig.axes for c in ax.collections if isinstance(c, ContourSet)
+            and c.filled]
+    assert len(sets) == 2
+    np.testing.assert_array_equal(sets[0].levels, sets[1].levels)
+    assert sets[0].levels[0] == pytest.approx(np.min(grid["losses"]))
+    assert sets[0].levels[-1] == pytest.approx(np.max(grid["losses"]), abs=1e-9)
+    assert (sets[0].norm.vmin, sets[0].norm.vmax) == (sets[1].norm.vmin, sets[1].norm.vmax)
+    # Each surface is the single-run surface of its model (same seed of directions).
+    model = keras.saving.load_model(os.path.join(run_dirs[1], rundir.MODEL))
+    _, _, alone = landscape.loss_surface(model, landscape.validation_batches(flags, 1), grid=3)
+    np.testing.assert_array_equal(alone, grid["losses"][1])
+    with pytest.raises(SystemExit) as exit_info:
+        landscape.main(run_dirs)  # several runs need --out
+    assert exit_info.value.code == 2

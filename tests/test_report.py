@@ -219,3 +219,33 @@ def test_cli_paired_tables_follow_the_main_table(tmp_path, capsys):
     assert "| fqat (lsq) | 4/4 | lsq (lsq) | +1.00 ± 0.00 (2/2) |" in out
     assert report.main([str(tmp_path), "--paired_with=erm"]) == 1
     assert "--paired_with=erm: no row of that method" in capsys.readouterr().err
+
+
+def test_split_tables_hold_one_part_per_domain(tmp_path):
+    _pacs_sweep(tmp_path)
+    rows = report.aggregate(report.find_runs([str(tmp_path)]))
+    val = report.to_markdown(rows, split="val")
+    assert "| Method | W/A | art_painting | cartoon | photo | sketch | Avg | Seeds |" in val
+    # Val per domain: (80, 84), (70, 72), (90, 90), (60, 66); Avg per seed 75 and 78.
+    assert ("| fqat (lsq) | 4/4 | 82.00 ± 2.00 | 71.00 ± 1.00 | 90.00 ± 0.00 | 63.00 ± 3.00 "
+            "| 76.50 ± 1.50 | 0, 23 |") in val
+    assert "Val = training-domain validation" in val and "Test = held-out" not in val
+    test = report.to_markdown(rows, split="test")
+    assert ("| fqat (lsq) | 4/4 | 42.00 ± 2.00 | 53.00 ± 3.00 | 61.00 ± 1.00 | 68.00 ± 2.00 "
+            "| 56.00 ± 1.00 | 0, 23 |") in test
+    assert "Val = " not in test
+    with pytest.raises(report.ReportError, match="--split=both"):
+        report.to_markdown(rows, split="both")
+
+
+def test_best_setting_averages_validation_over_groups_and_seeds(tmp_path):
+    # lr 1e-5 wins on art_painting, 3e-5 on the mean over both domains and seeds.
+    for lr, vals in ((1e-5, (0.90, 0.50)), (3e-5, (0.80, 0.70))):
+        for domain, val in zip(("art_painting", "sketch"), vals):
+            for seed in (0, 23):
+                make_run(tmp_path, f"lr{lr}", domain, seed, val, 1.0 - val, hparams={"lr": lr})
+    runs = [report.load_run(d) for d in report.find_runs([str(tmp_path)])]
+    chosen = report.best_setting(runs)
+    assert {r.hparams["lr"] for r in chosen} == {3e-5} and len(chosen) == 4
+    art = [r for r in runs if r.test_domains == ("art_painting",)]
+    assert {r.hparams["lr"] for r in report.best_setting(art)} == {1e-5}

@@ -3,27 +3,55 @@ import itertools
 import json
 import os
 import shlex
+import subprocess
 import sys
 
 import pytest
 
-from fqat_tf import rundir, sweep
+from fqat_tf import devices, launch, rundir, sweep
 from fqat_tf.data import registry
 
 PACS = ("art_painting", "cartoon", "photo", "sketch")
 GRID = "freeze_threshold=0.28,0.30,0.32;freeze_interval=300,350,400"
 
-# A stand-in for fqat_tf.train: logs its argv, fails for --fail_seed, else finishes the run.
+# A stand-in for fqat_tf.train. `--check_only` answers as the training program does (0: free or
+# the same settings, 3: other settings); a run logs its argv, GPU environment and times, fails
+# for --fail_seed, else writes flags.json and a results.json whose validation accuracy peaks at
+# lr 3e-5 (and grows with r).
 FAKE_TRAIN = """\
-import json, os, sys
+import json, os, sys, time
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+out = args["output_dir"]
+settings = {k: v for k, v in args.items()
+            if k not in ("output_dir", "calls_log", "fail_seed", "sleep")}
+if "--check_only" in sys.argv:
+    path = os.path.join(out, "flags.json")
+    old = json.load(open(path)) if os.path.exists(path) else settings
+    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if differ:
+        sys.stderr.write(f"fake_train: error: {out} holds a run with other settings "
+                         f"({', '.join(differ)})\\n")
+        sys.exit(3)
+    sys.exit(0)
+start = time.time()
+time.sleep(float(args.get("sleep", 0)))
 with open(args["calls_log"], "a") as f:
-    f.write(json.dumps(sys.argv[1:]) + "\\n")
+    f.write(json.dumps({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        "growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),
+                        "start": start, "end": time.time()}) + "\\n")
 if args["seed"] == args.get("fail_seed"):
     sys.exit(3)
-os.makedirs(args["output_dir"], exist_ok=True)
-with open(os.path.join(args["output_dir"], "results.json"), "w") as f:
-    json.dump({"seed": int(args["seed"]), "test_domains": args["test_domains"].split(",")}, f)
+os.makedirs(out, exist_ok=True)
+json.dump(settings, open(os.path.join(out, "flags.json"), "w"))
+method = [l.split("=", 1)[1].strip() for l in open(args["flagfile"]) if l.startswith("--method=")]
+lr, r = float(args.get("lr", 3e-5)), float(args.get("freeze_threshold", 0.3))
+tests = args["test_domains"].split(",")
+json.dump({"dataset": "pacs", "method": method[0], "quantizer": "lsq", "weight_bits": 4,
+           "activation_bits": 4, "test_domains": tests, "seed": int(args["seed"]),
+           "hparams": {"lr": lr, "freeze_threshold": r,
+                       "freeze_interval": int(args.get("freeze_interval", 300))},
+           "test": {d: 0.5 for d in tests}, "val_avg": 0.8 - 1000 * abs(lr - 3e-5) + 0.01 * r},
+          open(os.path.join(out, "results.json"), "w"))
 """
 
 
@@ -170,14 +198,23 @@ def test_bad_flagfiles(tmp_path):
 
 
 def _calls(log):
+    if not os.path.exists(log):
+        return []
     with open(log) as f:
         return [json.loads(line) for line in f]
 
 
-def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys):
-    cfg, out, log = flagfile(tmp_path), str(tmp_path / "sweep"), str(tmp_path / "calls.jsonl")
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'fake_train.py'))}"
+@pytest.fixture
+def fake(tmp_path):
+    """(--train_command value, calls log) of the stand-in training program."""
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'fake_train.py'))}"
+    return command, str(tmp_path / "calls.jsonl")
+
+
+def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys, fake):
+    cfg, out = flagfile(tmp_path), str(tmp_path / "sweep")
+    command, log = fake
     finished = os.path.join(out, "cell", "art_painting", "seed0")
     rundir.write_json(os.path.join(finished, rundir.RESULTS), {"seed": 0})
     argv = [f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0,1",
@@ -186,32 +223,149 @@ def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys):
     assert sweep.main(argv) == 1
     calls = _calls(log)
     assert len(calls) == 7  # 4 domains x 2 seeds, less the finished run
-    assert all(f"--calls_log={log}" in c and "--fail_seed=1" in c for c in calls)
+    assert all(f"--calls_log={log}" in c["argv"] and "--fail_seed=1" in c["argv"]
+               for c in calls)
+    assert all(c["cuda"] is None for c in calls)  # no --devices: the environment is untouched
     summary = capsys.readouterr().out
-    assert "3 done, 1 skipped (already finished), 4 failed" in summary
+    assert "3 done, 1 skipped (already finished), 4 failed, 0 conflict" in summary
     assert all(rundir.is_finished(os.path.join(out, "cell", d, "seed0")) for d in PACS)
     assert not rundir.is_finished(os.path.join(out, "cell", "sketch", "seed1"))
-    manifest = rundir.read_json(os.path.join(out, sweep.SWEEP_JSON))
+    manifest = rundir.read_json(os.path.join(out, launch.SWEEP_JSON))
     assert len(manifest["runs"]) == 8 and len(manifest["failed"]) == 4
-    assert os.path.isfile(os.path.join(out, sweep.LOGS, "cell__sketch__seed1.log"))
+    assert os.path.isfile(os.path.join(out, launch.LOGS, "cell__sketch__seed1.log"))
 
     # Rerunning the same sweep runs only what is not finished, two at a time.
     argv[-1] = "--fail_seed=none"
     assert sweep.main(argv[:3] + ["--parallel=2"] + argv[3:]) == 0
     rerun = _calls(log)[7:]
-    assert sorted(c[-1] for c in rerun) == sorted(
+    assert sorted(c["argv"][-1] for c in rerun) == sorted(
         f"--output_dir={os.path.join(out, 'cell', d, 'seed1')}" for d in PACS)
     assert "4 done, 4 skipped (already finished), 0 failed" in capsys.readouterr().out
 
     assert sweep.main(argv[:3] + ["--dry_run"] + argv[3:]) == 0
     listing = capsys.readouterr().out
-    assert listing.count("[finished]") == 8 and "8 runs planned" in listing
+    assert listing.count("[finished]") == 8 and "8 runs planned, 0 conflict" in listing
     assert len(_calls(log)) == 11
+
+
+def test_other_settings_in_a_run_directory_are_a_conflict(tmp_path, capsys, fake):
+    cfg, out = flagfile(tmp_path), str(tmp_path / "sweep")
+    command, log = fake
+    argv = [f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0", "--test_domains=photo,sketch",
+            f"--train_command={command}", "--", f"--calls_log={log}", "--steps=10"]
+    assert sweep.main(argv) == 0
+    capsys.readouterr()
+    before = (tmp_path / "sweep" / "cell" / "photo" / "seed0" / rundir.RESULTS).read_text()
+
+    argv[-1] = "--steps=20"   # the same folders, other settings
+    assert sweep.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "0 done, 0 skipped (already finished), 0 failed, 2 conflict" in captured.out
+    assert "skipped (already finished)" not in captured.out.replace("0 skipped", "")
+    assert "[CONFLICT]" in captured.err and "other settings (steps)" in captured.err
+    manifest = rundir.read_json(os.path.join(out, launch.SWEEP_JSON))
+    assert sorted(manifest["conflict"]) == sorted(
+        os.path.join(out, "cell", d, "seed0") for d in ("photo", "sketch"))
+    assert "(steps)" in manifest["conflict_details"][manifest["conflict"][0]]
+    assert len(_calls(log)) == 2  # nothing rerun, and the old results are left alone
+    assert (tmp_path / "sweep" / "cell" / "photo" / "seed0" / rundir.RESULTS).read_text() \
+        == before
+
+    # The same in a dry run and in the commands launcher: reported, never listed as finished.
+    assert sweep.main(argv[:4] + ["--dry_run"] + argv[4:]) == 1
+    assert capsys.readouterr().out.count("[conflict]") == 2
+    assert sweep.main(argv[:4] + ["--launcher=commands"] + argv[4:]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "0 to run, 0 finished (no command), 2 conflict" in captured.err
+
+
+def test_commands_launcher_prints_one_line_per_unfinished_run(tmp_path, capsys, fake):
+    cfg, out = flagfile(tmp_path), str(tmp_path / "sweep")
+    command, log = fake
+    base = [f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0", f"--train_command={command}"]
+    extra = ["--", f"--calls_log={log}"]
+    assert sweep.main(base + ["--test_domains=photo"] + extra) == 0
+    capsys.readouterr()
+    assert sweep.main(base + ["--launcher=commands"] + extra) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # 4 domains, photo finished
+    assert all(line.startswith(f"cd {shlex.quote(os.getcwd())} && env ") for line in lines)
+    assert all("TF_FORCE_GPU_ALLOW_GROWTH=true" in line and "CUDA_VISIBLE_DEVICES" not in line
+               for line in lines)
+    assert not any("photo" in line for line in lines)
+    assert len(_calls(log)) == 1  # nothing started
+    assert not os.path.exists(os.path.join(out, launch.LOGS, "cell__sketch__seed0.log"))
+    # A printed line runs by itself in a fresh shell.
+    sketch = next(line for line in lines if "--test_domains=sketch" in line)
+    subprocess.run(["bash", "-c", sketch], check=True, cwd="/", timeout=120)
+    assert rundir.is_finished(os.path.join(out, "cell", "sketch", "seed0"))
+    assert _calls(log)[-1]["growth"] == "true"
+    assert sweep.main(base + ["--launcher=commands"] + extra) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def _fake_gpus(tmp_path, monkeypatch, count):
+    """Puts an `nvidia-smi` listing `count` GPUs first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    listing = "".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i:04d})\n" for i in range(count))
+    script = bin_dir / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\nprintf '%s' '{listing}'\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_one_run_per_gpu_at_a_time(tmp_path, capsys, fake, monkeypatch):
+    _fake_gpus(tmp_path, monkeypatch, 4)
+    cfg, out = flagfile(tmp_path), str(tmp_path / "sweep")
+    command, log = fake
+    assert sweep.main([f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0,1",
+                       "--devices=0,1,2,3", f"--train_command={command}", "--",
+                       f"--calls_log={log}", "--sleep=0.6"]) == 0
+    calls = _calls(log)
+    assert len(calls) == 8
+    assert {c["cuda"] for c in calls} == {"0", "1", "2", "3"}
+    assert all(c["growth"] == "true" for c in calls)
+    assert not any("--strategy=mirrored" in c["argv"] for c in calls)
+    for gpu in "0123":
+        spans = sorted((c["start"], c["end"]) for c in calls if c["cuda"] == gpu)
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert "on GPU" in capsys.readouterr().out
+
+
+def test_two_gpus_per_run_are_mirrored(tmp_path, fake, monkeypatch):
+    _fake_gpus(tmp_path, monkeypatch, 4)
+    cfg, out = flagfile(tmp_path), str(tmp_path / "sweep")
+    command, log = fake
+    assert sweep.main([f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0",
+                       "--devices=all", "--gpus_per_run=2", f"--train_command={command}", "--",
+                       f"--calls_log={log}", "--sleep=0.3"]) == 0
+    calls = _calls(log)
+    assert len(calls) == 4 and {c["cuda"] for c in calls} == {"0,1", "2,3"}
+    assert all("--strategy=mirrored" in c["argv"] for c in calls)
+
+
+def test_device_groups_are_checked_against_the_machine():
+    assert devices.device_groups("1,3", 1, available=["0", "1", "2", "3"]) == [("1",), ("3",)]
+    assert devices.device_groups("all", 2, available=["0", "1", "2", "3"]) == [
+        ("0", "1"), ("2", "3")]
+    with pytest.raises(devices.DeviceError, match="no GPU 4 on this machine .it has 0, 1."):
+        devices.device_groups("0,4", 1, available=["0", "1"])
+    with pytest.raises(devices.DeviceError, match="3 GPU.s. do not split into groups of"):
+        devices.device_groups("0,1,2", 2, available=["0", "1", "2"])
+    with pytest.raises(devices.DeviceError, match="'x' is not a GPU index"):
+        devices.device_groups("0,x", 1, available=["0"])
+    with pytest.raises(devices.DeviceError, match="--devices=all: no GPU found"):
+        devices.device_groups("all", 1, available=[])
+    env = devices.child_env(("2", "3"), base={"HOME": "/h"})
+    assert env == {"HOME": "/h", "CUDA_VISIBLE_DEVICES": "2,3",
+                   "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
 
 
 def test_cli_bad_arguments_exit_2(tmp_path, capsys):
     cfg = flagfile(tmp_path)
-    assert sweep.main([f"--flagfile={cfg}", "--sweep_dir=s", "--grid=K"]) == 2
-    assert "--grid part 'K'" in capsys.readouterr().err
-    assert sweep.main([f"--flagfile={cfg}", "--sweep_dir=s", "--parallel=0"]) == 2
-    assert "--parallel=0" in capsys.readouterr().err
+    for bad, match in (("--grid=K", "--grid part 'K'"), ("--parallel=0", "--parallel=0"),
+                       ("--phase=2", "--phase needs --search")):
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main([f"--flagfile={cfg}", "--sweep_dir=s", bad])
+        assert exit_info.value.code == 2 and match in capsys.readouterr().err
