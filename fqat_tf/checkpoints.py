@@ -60,7 +60,9 @@ def restore_latest(checkpoint, directory):
     for path in candidates:
         try:
             checkpoint.restore(path).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
+        # A damaged file fails in many ways (OpError, IndexError, ValueError, ...); any
+        # failure to restore makes the checkpoint unusable, and the next one is tried.
+        except Exception as e:  # noqa: BLE001
             broken.append(path)
             log.warning("checkpoint %s cannot be restored (%s: %s); falling back to the "
                         "previous one", path, type(e).__name__, str(e).splitlines()[0][:200])

@@ -6,9 +6,16 @@ distribution strategy: a second MirroredStrategy with collective all-reduce in t
 can fail ("shape mismatch in the collective instance"). This module is the one place that
 makes them.
 """
+import json
+import os
+
 import tensorflow as tf
 
+from fqat_tf.cli import UsageError
+
 STRATEGIES = ("default", "mirrored", "multiworker")
+# What srun sets in every task of a Slurm allocation; SlurmClusterResolver reads them.
+SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST")
 _strategies = {}
 
 
@@ -26,18 +33,80 @@ def enable_determinism():
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 
+def cluster_resolver():
+    """The cluster of a multi-worker run: TF_CONFIG, else the Slurm allocation it runs in.
+
+    Raises:
+        UsageError: neither is there, or TF_CONFIG is malformed (named with the reason).
+    """
+    text = os.environ.get("TF_CONFIG")
+    if text is not None:
+        _check_tf_config(text)
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if all(k in os.environ for k in SLURM_VARIABLES):
+        return tf.distribute.cluster_resolver.SlurmClusterResolver()
+    raise UsageError("--strategy=multiworker needs a cluster: set TF_CONFIG on every worker "
+                     "(README, Scale) or run inside a Slurm allocation (srun sets "
+                     f"{', '.join(SLURM_VARIABLES)})")
+
+
+def _check_tf_config(text):
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"TF_CONFIG is not valid JSON ({e}): {text[:120]!r}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not cluster or not all(
+            isinstance(v, list) and v and all(isinstance(a, str) and ":" in a for a in v)
+            for v in cluster.values()):
+        raise UsageError(f"TF_CONFIG: 'cluster' must map job names to lists of host:port "
+                         f"addresses; got {cluster!r}")
+    if not isinstance(task, dict) or task.get("type") not in cluster or \
+            not isinstance(task.get("index"), int) or \
+            not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise UsageError(f"TF_CONFIG: 'task' must name a job of the cluster and an index in "
+                         f"it; got {task!r} for jobs "
+                         f"{ {k: len(v) for k, v in cluster.items()} }")
+
+
 def strategy(name="default"):
     """The process's distribution strategy of that name, created on first use.
 
     Args:
-        name: "default" (one device), "mirrored" (every local GPU, or the logical devices a
-            test configured) or "multiworker" (MultiWorkerMirroredStrategy from TF_CONFIG).
+        name: "default" (one device), "mirrored" (every local GPU; without one, every logical
+            CPU device, which tests configure) or "multiworker" (MultiWorkerMirroredStrategy
+            over `cluster_resolver()`). Create a multi-worker strategy before TensorFlow runs
+            any op: its collective ops are configured at program start-up.
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
     if name == "default":
         return tf.distribute.get_strategy()
     if name not in _strategies:
-        _strategies[name] = (tf.distribute.MirroredStrategy() if name == "mirrored"
-                             else tf.distribute.MultiWorkerMirroredStrategy())
+        if name == "mirrored":
+            gpus = tf.config.list_logical_devices("GPU")
+            devices = gpus or tf.config.list_logical_devices("CPU")
+            _strategies[name] = tf.distribute.MirroredStrategy(
+                devices=[d.name for d in devices])
+        else:
+            _strategies[name] = tf.distribute.MultiWorkerMirroredStrategy(
+                cluster_resolver=cluster_resolver())
     return _strategies[name]
+
+
+def is_chief(current=None):
+    """Whether this process writes the run's files: always, except a non-chief worker."""
+    resolver = getattr(current or tf.distribute.get_strategy(), "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, index = resolver.task_type, resolver.task_id
+    if "chief" in resolver.cluster_spec().as_dict():
+        return task_type == "chief"
+    return task_type in (None, "worker") and (index or 0) == 0
+
+
+def worker_index(current=None):
+    """This process's index among the workers (0 without a cluster)."""
+    resolver = getattr(current or tf.distribute.get_strategy(), "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", 0) or 0) if resolver is not None else 0

@@ -34,13 +34,13 @@ import keras
 from fqat_tf import cli
 from fqat_tf import data
 from fqat_tf import defaults
+from fqat_tf import methods
 from fqat_tf import rundir
 from fqat_tf.errors import UserError
 from fqat_tf.quantize import quantize_wrappers
 
 PROG = "fqat_tf.scale_sensitivity"
 OUT_NAME = "scale_sensitivity"
-FLOAT_METHODS = ("erm", "sagm")
 PER = ("layer", "variable")
 _ARROWS = {1: "↑", -1: "↓", 0: "−"}
 
@@ -143,7 +143,8 @@ def open_run(run_dir):
         results = rundir.read_results(run_dir)
     except (FileNotFoundError, ValueError) as e:
         raise SensitivityError(str(e)) from None
-    if flags.get("method") in FLOAT_METHODS:
+    method = methods.METHODS.get(flags.get("method"))
+    if method is not None and not method.quantized:
         raise SensitivityError(f"{run_dir}: a full-precision run (method {flags['method']}) "
                                f"has no scale factors")
     if not os.path.isfile(os.path.join(run_dir, rundir.MODEL)):
@@ -152,13 +153,10 @@ def open_run(run_dir):
 
 
 def evaluation_streams(flags):
-    """The run's evaluation streams, built from its flags exactly as the trainer builds them."""
-    splits = data.load_splits(flags["dataset"], data_dir=flags["data_dir"],
-                              test_domains=flags["test_domains"],
-                              holdout_fraction=flags["holdout_fraction"], seed=flags["seed"],
-                              skip_bad_files=flags["skip_bad_files"],
-                              image_size=flags["image_size"])
-    return data.eval_streams(splits, flags["eval_batch_size"])
+    """The run's evaluation streams, built from its flags by the trainer's own code."""
+    from fqat_tf import trainer
+
+    return trainer.Inputs(flags).eval_streams
 
 
 def _percent(factor):

@@ -426,12 +426,10 @@ class _Stage:
                             if self.is_q else {}),
             "diverged": reason is not None, "divergence": reason,
         }
-        from fqat_tf import plots
+        if self.is_q:
+            from fqat_tf import plots
 
-        disorder = os.path.join(self.run_dir, rundir.DISORDER_CSV)
-        if os.path.exists(disorder):
-            plots.plot_disorder(disorder, os.path.join(self.run_dir, rundir.DISORDER_PNG))
-            plots.plot_freeze_timeline(disorder, os.path.join(self.run_dir, rundir.FREEZE_PNG))
+            plots.plot_run(self.run_dir)
         rundir.write_json(os.path.join(self.run_dir, rundir.RESULTS), results)
         return results
 

@@ -24,9 +24,15 @@ import uuid
 import keras
 import numpy as np
 
+from fqat_tf.models.init import InitError
 from fqat_tf.models.resnet import resnet50, torch_module_name
 
 MOCO_PREFIX = "module.encoder_q."
+
+
+class TorchMissingError(InitError, ImportError):
+    """Reading a PyTorch checkpoint needs torch, which is not installed."""
+
 _HEAD_PREFIX = "fc"
 _LISTED_KEYS = 10
 
@@ -35,7 +41,7 @@ def _import_torch(path):
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as err:
-        raise ImportError(
+        raise TorchMissingError(
             f"reading the PyTorch checkpoint {path} needs torch: pip install 'fqat_tf[torch]', "
             "or convert it elsewhere with python -m fqat_tf.models.convert_moco") from err
     return torch
@@ -72,17 +78,17 @@ def load_checkpoint(path, prefix=MOCO_PREFIX):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"{path}: not a plain PyTorch state-dict checkpoint (weights_only "
+        raise InitError(f"{path}: not a plain PyTorch state-dict checkpoint (weights_only "
                          f"loading refused it): {_load_failure_reason(err)}") from err
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise ValueError(f"{path}: not a state dict (expected a mapping of names to tensors, "
+        raise InitError(f"{path}: not a state dict (expected a mapping of names to tensors, "
                          f"optionally under 'state_dict'; got {type(obj).__name__})")
     encoder = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
     if not encoder:
-        raise ValueError(f"{path}: no key starts with {prefix!r}; first keys: "
+        raise InitError(f"{path}: no key starts with {prefix!r}; first keys: "
                          f"{sorted(obj)[:_LISTED_KEYS]}")
     return {k: v.detach().to(torch.float32).numpy() for k, v in encoder.items()
             if not k.startswith(_HEAD_PREFIX) and not k.endswith(".num_batches_tracked")}
@@ -146,7 +152,7 @@ def assign_state_dict(model, state, source):
                         + (f" ... and {len(wrong) - _LISTED_KEYS} more"
                            if len(wrong) > _LISTED_KEYS else ""))
     if problems:
-        raise ValueError(f"{source} does not fit {model.name}: " + " | ".join(problems))
+        raise InitError(f"{source} does not fit {model.name}: " + " | ".join(problems))
     for key, (var, _, transform) in targets.items():
         var.assign(transform(state[key]))
     return len(targets)
@@ -154,7 +160,7 @@ def assign_state_dict(model, state, source):
 
 def _check_out(out):
     if not out.endswith(".weights.h5"):
-        raise ValueError(f"--out must end in .weights.h5 (Keras's weights format), got {out}")
+        raise InitError(f"--out must end in .weights.h5 (Keras's weights format), got {out}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise FileNotFoundError(f"--out directory does not exist: {os.path.dirname(out)}")
 
@@ -193,7 +199,7 @@ def convert(checkpoint, out, width=64, prefix=MOCO_PREFIX):
     state = load_checkpoint(checkpoint, prefix)
     stem = state.get("conv1.weight")
     if stem is not None and stem.ndim == 4 and stem.shape[0] != width:
-        raise ValueError(f"{checkpoint}: conv1.weight has {stem.shape[0]} output channels, the "
+        raise InitError(f"{checkpoint}: conv1.weight has {stem.shape[0]} output channels, the "
                          f"model has width {width}; pass --width {stem.shape[0]} if intended")
     model = resnet50(None, input_shape=(None, None, 3), width=width)
     count = assign_state_dict(model, state, checkpoint)

@@ -14,7 +14,18 @@ import keras
 import numpy as np
 
 from fqat_tf import defaults
+from fqat_tf.errors import UserError
 from fqat_tf.models.resnet import is_resnet50, resnet50
+
+
+
+class InitError(UserError):
+    """An initial checkpoint (`--init`) that cannot be used, named with the reason."""
+
+
+class InitDownloadError(InitError, RuntimeError):
+    """The ImageNet weights cannot be obtained (no network, no cached file)."""
+
 
 # keras.applications' ResNet50 expects Caffe-style input ("caffe" mode of imagenet_utils): BGR,
 # 0..255, minus this per-channel mean (in BGR order), no scaling.
@@ -51,14 +62,14 @@ def load_init(model, spec):
     if isinstance(spec, str) and spec.startswith("mocov2:"):
         path = spec[len("mocov2:"):]
         if not path:
-            raise ValueError("--init=mocov2:PATH needs a PATH (a .weights.h5 or .pth.tar)")
+            raise InitError("--init=mocov2:PATH needs a PATH (a .weights.h5 or .pth.tar)")
         return _load_mocov2(model, path)
-    raise ValueError(f"--init={spec!r}: expected 'none', 'imagenet' or 'mocov2:PATH'")
+    raise InitError(f"--init={spec!r}: expected 'none', 'imagenet' or 'mocov2:PATH'")
 
 
 def _require_resnet50(model, spec):
     if not is_resnet50(model):
-        raise ValueError(f"--init={spec} holds ResNet-50 weights; model {model.name!r} is not a "
+        raise InitError(f"--init={spec} holds ResNet-50 weights; model {model.name!r} is not a "
                          "resnet50 backbone")
 
 
@@ -88,7 +99,7 @@ def _copy_converted(model, path):
         try:
             source.load_weights(path)
         except (ValueError, OSError) as err:
-            raise ValueError(
+            raise InitError(
                 f"--init=mocov2:{path}: not a converted ResNet-50 of width {width} (write one "
                 f"with python -m fqat_tf.models.convert_moco): {err}") from err
     for warning in caught:
@@ -107,7 +118,7 @@ def _fetch_imagenet_resnet50():
             include_top=False, weights="imagenet", input_shape=(None, None, 3))
     # Keras's get_file reports a failed download as a plain Exception.
     except Exception as err:  # pylint: disable=broad-exception-caught
-        raise RuntimeError(
+        raise InitDownloadError(
             "--init=imagenet: could not obtain keras.applications ResNet50 ImageNet weights "
             f"({err}); without network access place resnet50_weights_tf_dim_ordering_tf_kernels_"
             "notop.h5 in ~/.keras/models/, or use --init=mocov2:PATH") from err
@@ -117,7 +128,7 @@ def _load_imagenet(model):
     _require_resnet50(model, "imagenet")
     conv1 = model.get_layer("conv1")
     if conv1.filters != 64 or conv1.kernel.shape[2] != 3:
-        raise ValueError("--init=imagenet needs a full-width (64) ResNet-50 on RGB input, got "
+        raise InitError("--init=imagenet needs a full-width (64) ResNet-50 on RGB input, got "
                          f"width {conv1.filters} and {conv1.kernel.shape[2]} input channels")
     count = map_imagenet_weights(_fetch_imagenet_resnet50(), model)
     return (f"imagenet: {count} tensors of keras.applications ResNet50 (supervised; leaks "

@@ -1,0 +1,115 @@
+"""Runs `python -m fqat_tf.train` and kills it with SIGKILL at a chosen point (for the tests).
+
+    python tests/killpoint.py POINT -- <fqat_tf.train flags>
+
+POINT is one of
+    calibration        while the QAT stage calibrates its steps (after the kernel steps)
+    step:N             right after step N was applied (before anything of it is written)
+    after_eval:N       right after the evaluation at step N (before its files and checkpoint)
+    checkpoint:N       while checkpoint N is written (its shards exist, not yet merged)
+    final              while the results are written (after the plots, before results.json)
+
+The training program runs unchanged in this process; only the function at the kill point is
+wrapped, so what a resumed run finds on disk is what a real crash leaves.
+"""
+import os
+import signal
+import sys
+
+
+def _die():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install(point, output_dir):
+    name, _, arg = point.partition(":")
+    n = int(arg) if arg else None
+    if name == "calibration":
+        from fqat_tf import calibration
+
+        fit = calibration._fit_steps
+        calls = []
+
+        def fit_steps(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                _die()
+            return fit(*args, **kwargs)
+
+        calibration._fit_steps = fit_steps
+    elif name == "step":
+        from fqat_tf.fqat_model import FQATModel
+
+        make = FQATModel.make_train_function
+
+        def make_train_function(self, force=False):
+            train_fn = make(self, force)
+
+            def wrapped(iterator):
+                logs = train_fn(iterator)
+                if self.method.quantized and int(self.freeze_state.step.numpy()) == n:
+                    _die()
+                return logs
+            return wrapped
+
+        FQATModel.make_train_function = make_train_function
+    elif name == "after_eval":
+        from fqat_tf import data, trainer
+
+        evaluate = data.evaluate
+
+        def evaluate_then_die(model, streams, verbose=0):
+            record = evaluate(model, streams, verbose=verbose)
+            stage = sys._getframe(1).f_locals.get("self")
+            if isinstance(stage, trainer._Stage) and stage.is_q and \
+                    int(stage.state["step"].numpy()) == n:
+                _die()
+            return record
+
+        data.evaluate = evaluate_then_die
+    elif name == "checkpoint":
+        from tensorflow.python.checkpoint import functional_saver
+
+        merge = functional_saver.gen_io_ops.merge_v2_checkpoints
+
+        target = os.path.abspath(os.path.join(output_dir, "checkpoints", f"ckpt-{n}"))
+
+        def merge_or_die(prefixes, prefix, *args, **kwargs):
+            written = prefix.numpy().decode() if hasattr(prefix, "numpy") else str(prefix)
+            if os.path.abspath(written) == target:
+                _die()
+            return merge(prefixes, prefix, *args, **kwargs)
+
+        functional_saver.gen_io_ops.merge_v2_checkpoints = merge_or_die
+    elif name == "final":
+        from fqat_tf import rundir
+
+        write_json = rundir.write_json
+
+        def write_or_die(path, obj):
+            if os.path.basename(path) == rundir.RESULTS and obj.get("method") != "erm":
+                _die()
+            return write_json(path, obj)
+
+        rundir.write_json = write_or_die
+    else:
+        raise SystemExit(f"killpoint.py: unknown point {point!r}")
+
+
+def main():
+    if len(sys.argv) < 3 or sys.argv[2] != "--":
+        raise SystemExit(__doc__)
+    output_dir = [a.split("=", 1)[1] for a in sys.argv[3:] if a.startswith("--output_dir=")]
+    _install(sys.argv[1], output_dir[-1] if output_dir else None)
+    from absl import app
+
+    from fqat_tf import train
+
+    sys.argv = ["fqat_tf.train"] + sys.argv[3:]
+    app.run(train.main, flags_parser=train.parse_flags)
+
+
+if __name__ == "__main__":
+    main()

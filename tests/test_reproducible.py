@@ -1,0 +1,162 @@
+"""Reproducible runs: `--deterministic` reruns give the same bits, and a run killed anywhere
+resumes to the same bits as one never interrupted (docs/algorithm.md §4).
+
+The quickstart-sized checks run the real program in subprocesses at the shipped batch
+(5 domains x 16 images) for 100 QAT steps; the per-method checks run small stages in this
+process.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from fqat_tf import rundir, runtime, train, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KILLPOINT = os.path.join(ROOT, "tests", "killpoint.py")
+STEPS = 100
+QUICKSTART = ["--flagfile=experiments/quickstart.cfg", "--erm_steps=20", f"--steps={STEPS}",
+              "--eval_every=20", "--deterministic", "--verbose=0"]
+# Kill points of one interrupted run, in order: calibration, mid-window (K = 20) and
+# mid-interval, right after an evaluation, during a checkpoint write, during final writing.
+KILLS = ["calibration", "step:50", "after_eval:60", "checkpoint:80", "final"]
+# Bookkeeping that differs between an interrupted and an uninterrupted run by design.
+NOT_COMPARED = ("wall_time_s", "save_counter", "iterator")
+
+
+def _env():
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+
+
+def _train(out, erm, *extra, point=None):
+    prefix = [sys.executable, KILLPOINT, point, "--"] if point else \
+        [sys.executable, "-m", "fqat_tf.train"]
+    return subprocess.run(prefix + QUICKSTART + [f"--output_dir={out}",
+                                                 f"--erm_cache_dir={erm}", *extra],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+
+
+def final_state(run_dir):
+    """Every variable of a run's last checkpoint except bookkeeping, by checkpoint key."""
+    reader = tf.train.load_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if not k.startswith("_CHECKPOINTABLE") and not any(n in k for n in NOT_COMPARED)}
+
+
+def assert_same_bits(a, b):
+    assert a.keys() == b.keys() and len(a) > 20
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} variables differ, e.g. {differ[:5]}"
+
+
+def _results(run_dir):
+    results = rundir.read_results(run_dir)
+    results.pop("wall_time_s")
+    return results
+
+
+def _files(run_dir):
+    names = (rundir.EVALS, rundir.DISORDER_CSV, rundir.GRADIENTS_CSV)
+    return {n: open(os.path.join(run_dir, n)).read() for n in names}
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """One uninterrupted deterministic quickstart run (its ERM stage cached for the others)."""
+    base = tmp_path_factory.mktemp("reproducible")
+    erm, out = str(base / "erm"), str(base / "straight")
+    done = _train(out, erm)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"erm": erm, "out": out, "state": final_state(out)}
+
+
+def test_two_deterministic_quickstart_runs_are_bit_identical(quickstart, tmp_path):
+    again = str(tmp_path / "again")
+    done = _train(again, quickstart["erm"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_bits(quickstart["state"], final_state(again))
+    assert _results(again) == _results(quickstart["out"])
+    assert _files(again) == _files(quickstart["out"])
+
+
+def test_killed_at_five_points_resumes_to_the_same_bits(quickstart, tmp_path):
+    out = str(tmp_path / "killed")
+    for point in KILLS:
+        killed = _train(out, quickstart["erm"], point=point)
+        assert killed.returncode == -9, (point, killed.stderr[-3000:])
+        assert not rundir.is_finished(out), point
+    stale = [n for n in os.listdir(os.path.join(out, rundir.CHECKPOINTS)) if "_temp" in n]
+    assert stale == [], "the checkpoint-write kill should have been cleaned by the next run"
+    done = _train(out, quickstart["erm"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_bits(quickstart["state"], final_state(out))
+    assert _results(out) == _results(quickstart["out"])
+    assert _files(out) == _files(quickstart["out"])
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(quickstart, tmp_path):
+    out = str(tmp_path / "truncated")
+    killed = _train(out, quickstart["erm"], point="after_eval:80")
+    assert killed.returncode == -9
+    ckpts = os.path.join(out, rundir.CHECKPOINTS)
+    data = os.path.join(ckpts, "ckpt-60.data-00000-of-00001")
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    done = _train(out, quickstart["erm"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ckpt-60 cannot be restored" in done.stderr
+    assert_same_bits(quickstart["state"], final_state(out))
+    assert not any(n.startswith("ckpt-60.") for n in os.listdir(ckpts))
+
+
+SMALL = ["--flagfile=experiments/quickstart.cfg", "--erm_steps=6", "--steps=8", "--eval_every=4",
+         "--batch_per_domain=4", "--freeze_interval=3", "--calibration_batches=1",
+         "--eval_batch_size=256", "--verbose=0", "--deterministic"]
+
+
+def _settings(args):
+    flags.FLAGS.unparse_flags()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        flags.FLAGS(["fqat_tf.train", *args])
+        return train.settings_from_flags()
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture
+def deterministic():
+    runtime.enable_determinism()
+    yield
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+    tf.config.experimental.disable_op_determinism()
+
+
+@pytest.mark.parametrize("method", [
+    ["--method=erm", "--erm_steps=0", "--steps=8"],
+    ["--method=lsq"],
+    ["--method=lsq_sagm"],
+    ["--method=fqat"],
+    ["--method=ewgs", "--ewgs_delta_mode=hessian", "--ewgs_hessian_interval=3"],
+    ["--method=fqat", "--int8_storage"],
+], ids=["erm", "lsq", "lsq_sagm", "fqat", "ewgs_hessian", "fqat_int8_storage"])
+def test_every_method_reruns_bit_identical(method, tmp_path, deterministic):
+    states, results = [], []
+    for name in ("a", "b"):
+        # Each run with its own ERM stage, so the ERM stage is compared too.
+        s = _settings(SMALL + method + [f"--output_dir={tmp_path / name}",
+                                        f"--erm_cache_dir={tmp_path / name}_erm"])
+        results.append(trainer.run(s))
+        states.append(final_state(str(tmp_path / name)))
+    assert_same_bits(*states)
+    for r in results:
+        r.pop("wall_time_s")
+    assert json.dumps(results[0], sort_keys=True) == json.dumps(results[1], sort_keys=True)
+    shutil.rmtree(tmp_path)
