@@ -94,7 +94,9 @@ RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of torchvision's Rando
 # training seed (DomainBed's default --seed 0).
 ROTATED_MNIST_SHUFFLE_SEED = 0
 DATA_VERIFY = "decode"           # file check before training: "header" (leading bytes) | "decode"
-TFDS_SHUFFLE_BUFFER = 2000       # encoded images buffered per domain when streaming from TFDS
+# TFDS sources are read in file order: every epoch permutes each window of this many
+# consecutive records (encoded images held at once per domain).
+TFDS_SHUFFLE_WINDOW = 2000
 
 # --- Loss landscape (fqat_tf.landscape; Li et al. 2018, paper Fig. 1 and 7) -----------------
 LANDSCAPE_GRID = 21          # points per direction; odd, so the trained model is the centre
