@@ -22,8 +22,9 @@ _OPEN = {"file": "fqat_tf input: cannot read or decode file <<",
          "example": "fqat_tf input: cannot read or decode an example of <<"}
 _CLOSE = ">>"
 _GUARD_RE = re.compile(r"fqat_tf input: cannot read or decode (file|an example of) <<(.*?)>>")
-# TensorFlow's ReadFile error: "...: PATH; No such file or directory".
-_READ_FILE_RE = re.compile(r"(?:^|: )([^\n]*?); (No such file or directory|Permission denied)")
+# TensorFlow's ReadFile error: "{{function_node ...}} [context: ]PATH; No such file or directory".
+_READ_FILE_RE = re.compile(r"([^\n]*?); (?:No such file or directory|Permission denied)")
+_FUNCTION_NODE_RE = re.compile(r"\{\{[^}]*\}\}\s*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,14 @@ def guard(ds: tf.data.Dataset, expected: Callable, describe: Callable, kind: str
     return ds.map(lambda *element: element[:-1])
 
 
+def _path_in(text: str) -> str:
+    """The path at the end of "context: context: PATH": the longest such tail that is an
+    absolute or existing path (a path may hold ": " itself), else the last one."""
+    pieces = text.split(": ")
+    tails = [": ".join(pieces[i:]) for i in range(len(pieces))]
+    return next((t for t in tails if os.path.isabs(t) or os.path.exists(t)), tails[-1])
+
+
 def explain_input_error(error: tf.errors.OpError) -> Optional[DataError]:
     """The `DataError` naming the input file behind a TensorFlow error raised while reading.
 
@@ -145,10 +154,10 @@ def explain_input_error(error: tf.errors.OpError) -> Optional[DataError]:
     if match is not None:
         name = match.group(2)
     else:
-        match = _READ_FILE_RE.search(text)
+        match = _READ_FILE_RE.search(_FUNCTION_NODE_RE.sub("", text))
         if match is None:
             return None
-        name = match.group(1)
+        name = _path_in(match.group(1))
     if not os.path.exists(name):
         return DataError(f"image file {name} no longer exists: it was deleted or moved after "
                          f"the run started")
