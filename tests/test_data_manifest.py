@@ -179,3 +179,19 @@ def test_runs_starting_at_once_check_the_files_once(tree):
     # Nothing else is left in the root: no temporary file.
     assert sorted(n for n in os.listdir(tree) if n.startswith(".")) == [
         defaults.MANIFEST_NAME, defaults.MANIFEST_NAME + ".lock"]
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", '{"format": 1, "root": "/elsewhere", "files": {}}', "[1, 2]", None])
+def test_a_broken_or_foreign_manifest_is_ignored(tree, checked, content):
+    _load(tree)
+    path = os.path.join(tree, defaults.MANIFEST_NAME)
+    if content is None:  # Entries of the wrong form.
+        data = json.load(open(path))
+        data["files"] = {rel: "x" for rel in data["files"]}
+        content = json.dumps(data)
+    with open(path, "w") as f:
+        f.write(content)
+    _reset(checked)
+    _load(tree)
+    assert len(checked["decode"]) == 12 and len(_entries(tree)) == 12

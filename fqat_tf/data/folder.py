@@ -92,7 +92,7 @@ def _walk(folder: str, bounds: Sequence[str], walking: List[str], listing: _List
         entries = sorted((e for e in it if _visible(e.name)), key=lambda e: e.name)
     subfolders = []
     for entry in entries:
-        path = os.path.join(folder, entry.name)
+        path = entry.path
         if not _utf8(entry.name):
             listing.unsafe.append((path, "its name is not valid UTF-8"))
         elif entry.is_symlink():
