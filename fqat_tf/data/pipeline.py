@@ -18,8 +18,9 @@ replaying the ones before, and the batch does not depend on the number of device
   dequeued from the Dataset every step", dealt round-robin by `MultiDeviceIterator`; the tests
   check it under `MirroredStrategy`).
 
-Reading, decoding and augmenting happen in one parallel map per domain; a read that fails while
-training is reported by file (`reading.guard`). TFDS sources are read in file order: see
+Reading, decoding and augmenting happen in one parallel map per domain; the examples are taken
+from the domains in batch order and batched once. A read that fails while training is reported
+by file (`reading.guard`). TFDS sources are read in file order: see
 `order.windowed_order` for what starting late and sharding cost there.
 """
 from typing import Dict, Optional
@@ -55,9 +56,11 @@ def _train_image(payload, read, info, seed, augment_images):
     return augment_lib.eval_transform(image, size, info.imagenet)
 
 
-def _domain_blocks(source: Source, splits: Splits, batch_per_domain: int, seed: int,
-                   start_step: int, augment_images: bool, first_row: int, rows: int):
-    """Rows [first_row, first_row + rows) of one domain's block of every step from start_step."""
+def _domain_examples(source: Source, splits: Splits, batch_per_domain: int, seed: int,
+                     start_step: int, augment_images: bool, first_row: int, rows: int,
+                     domain_id: Optional[int]):
+    """Rows [first_row, first_row + rows) of one domain's block of every step from start_step,
+    one example after the other: (image, label) or (image, label, domain_id)."""
     read = reading.reader(source)
     n = len(source)
     key = order.shuffle_key(seed, source.domain_index)
@@ -70,23 +73,22 @@ def _domain_blocks(source: Source, splits: Splits, batch_per_domain: int, seed: 
                                   start)
     if rows < batch_per_domain:
         ds = ds.filter(order.step_rows(batch_per_domain, first_row, rows))
+    extra = () if domain_id is None else (tf.constant(domain_id, tf.int32),)
 
     def transform(position, handle):
         # Reading and decoding happen here, inside the parallel map, not in a serial stage.
         payload, label = read.fetch(handle)
         image = _train_image(payload, read, splits.info, order.position_seed(aug_key, position),
                              augment_images)
-        return image, label, position
+        return (image, label, *extra, position)
 
     ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
     if read.describe is None:
-        ds = ds.map(lambda image, label, position: (image, label))
-    else:
-        describe = ((lambda p: read.describe(order.member_at(n, key, p))) if read.positional
-                    else read.describe)
-        ds = reading.guard(ds, lambda k: order.row_position(
-            batch_per_domain, start_step, first_row, rows, k), describe, read.kind)
-    return ds.batch(rows, drop_remainder=True)
+        return ds.map(reading.drop_position)
+    describe = ((lambda p: read.describe(order.member_at(n, key, p))) if read.positional
+                else read.describe)
+    return reading.guard(ds, lambda k: order.row_position(
+        batch_per_domain, start_step, first_row, rows, k), describe, read.kind)
 
 
 def _check_train_args(splits, batch_per_domain, start_step):
@@ -105,27 +107,22 @@ def _worker_stream(splits, batch_per_domain, seed, augment, start_step, replicas
                    local_replicas=1, first_replica=0, with_domain=False) -> tf.data.Dataset:
     """Per step, one element per local replica: its rows of every domain, in domain order."""
     b = batch_per_domain // replicas
-    rows = local_replicas * b
-    blocks = [_domain_blocks(splits.train[name], splits, batch_per_domain, seed, start_step,
-                             augment, first_replica * b, rows)
-              for name in splits.train_domains]
-
-    def assemble(*blocks):
-        parts = [list(kind) for kind in zip(*blocks)]
-        if with_domain:
-            parts.append([tf.fill([rows], tf.constant(d, tf.int32)) for d in range(len(blocks))])
-        if local_replicas == 1:
-            return tuple(tf.concat(kind, 0) for kind in parts)
-        return tuple(tf.stack([tf.concat([t[r * b:(r + 1) * b] for t in kind], 0)
-                               for r in range(local_replicas)]) for kind in parts)
-
-    ds = tf.data.Dataset.zip(tuple(blocks)).map(assemble)
-    if local_replicas > 1:
-        ds = ds.unbatch()
+    domains = splits.train_domains
+    streams = [_domain_examples(splits.train[name], splits, batch_per_domain, seed, start_step,
+                                augment, first_replica * b, local_replicas * b,
+                                d if with_domain else None)
+               for d, name in enumerate(domains)]
+    # Examples are taken from the domains' streams in the order of the elements (replica by
+    # replica, domain by domain, b each) and batched once: no second copy to concatenate.
+    choice = tf.data.Dataset.from_tensor_slices(tf.constant(
+        [d for _ in range(local_replicas) for d in range(len(domains)) for _ in range(b)],
+        tf.int64)).repeat()
+    ds = tf.data.Dataset.choose_from_datasets(streams, choice)
+    ds = ds.batch(len(domains) * b, drop_remainder=True)
     # The guard of file and TFDS reads (`Dataset.ignore_errors`) has no symbolic checkpoint; a
     # run restarts such a stream at its step (`start_step`) rather than from an iterator
     # checkpoint, which would hold the buffered images.
-    arrays = all(splits.train[name].images is not None for name in splits.train_domains)
+    arrays = all(splits.train[name].images is not None for name in domains)
     return ds.prefetch(AUTOTUNE).with_options(_options(symbolic_checkpoint=arrays))
 
 
@@ -219,7 +216,7 @@ def eval_stream(source: Source, splits: Splits,
 
     ds = ds.map(transform, num_parallel_calls=AUTOTUNE)
     if read.describe is None:
-        ds = ds.map(lambda image, label, position: (image, label))
+        ds = ds.map(reading.drop_position)
     else:
         ds = reading.guard(ds, lambda k: k, read.describe, read.kind, end=len(source))
     ds = ds.batch(batch_size).prefetch(AUTOTUNE).with_options(_options())

@@ -85,6 +85,12 @@ def reader(source) -> Reader:
                   fetch=lambda i: (images[i], labels[i]), describe=None, kind="example")
 
 
+@tf.autograph.experimental.do_not_convert
+def drop_position(*element):
+    """`(..., position)` -> the element without its position."""
+    return element[:-1]
+
+
 def guard(ds: tf.data.Dataset, expected: Callable, describe: Callable, kind: str,
           end: Optional[int] = None) -> tf.data.Dataset:
     """Names the example whose read failed.
@@ -118,12 +124,16 @@ def guard(ds: tf.data.Dataset, expected: Callable, describe: Callable, kind: str
                 return tf.identity(position)
 
         position = tf.cond(tf.equal(position, want), lambda: position, fail)
-        return (*values, position)
+        if end is not None:
+            return (*values, position)
+        with tf.control_dependencies([position]):
+            return tuple(tf.identity(v) for v in values)
 
-    ds = ds.enumerate().map(check)
-    if end is not None:
-        ds = ds.filter(lambda *element: element[-1] < end)
-    return ds.map(lambda *element: element[:-1])
+    ds = ds.enumerate().map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    if end is None:
+        return ds
+    ds = ds.filter(lambda *element: element[-1] < end)
+    return ds.map(drop_position)
 
 
 def _path_in(text: str) -> str:
