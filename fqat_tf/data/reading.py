@@ -17,11 +17,12 @@ import tensorflow as tf
 
 from fqat_tf.data.registry import DataError
 
-# The guard's message is `_OPEN[kind] + name + _CLOSE`; the name cannot hold a newline.
+# The guard's message is `_OPEN[kind] + name + _CLOSE`, on one line of the error (a name with
+# ">>" in it is read up to its last ">>").
 _OPEN = {"file": "fqat_tf input: cannot read or decode file <<",
          "example": "fqat_tf input: cannot read or decode an example of <<"}
 _CLOSE = ">>"
-_GUARD_RE = re.compile(r"fqat_tf input: cannot read or decode (file|an example of) <<(.*?)>>")
+_GUARD_RE = re.compile(r"fqat_tf input: cannot read or decode (file|an example of) <<(.*)>>")
 # TensorFlow's ReadFile error: "{{function_node ...}} [context: ]PATH; No such file or directory".
 _READ_FILE_RE = re.compile(r"([^\n]*?); (?:No such file or directory|Permission denied)")
 _FUNCTION_NODE_RE = re.compile(r"\{\{[^}]*\}\}\s*")
@@ -32,7 +33,6 @@ class Reader:
     """How the examples of one source are read.
 
     Attributes:
-        size: the number of examples.
         positional: examples are read by their index (files, arrays); False for TFDS, whose
             records come in file order (`records`).
         encoded: `fetch` gives encoded bytes (files, TFDS) rather than uint8 pixels (arrays).
@@ -45,7 +45,6 @@ class Reader:
         records: TFDS only: () -> the `(encoded, label)` records in file order.
     """
 
-    size: int
     positional: bool
     encoded: bool
     fetch: Callable
@@ -71,17 +70,17 @@ def reader(source) -> Reader:
     if source.tfds is not None:
         name, split, _ = source.tfds
         where = f"domain {source.domain!r} (TFDS {name}, split {split!r})"
-        return Reader(len(source), positional=False, encoded=True, fetch=lambda record: record,
+        return Reader(positional=False, encoded=True, fetch=lambda record: record,
                       describe=lambda unused: tf.constant(where), kind="example",
                       records=lambda: _tfds_records(source))
     labels = tf.constant(source.labels[source.indices], tf.int64)
     if source.paths is not None:
         paths = tf.constant(source.paths[source.indices])
-        return Reader(len(source), positional=True, encoded=True,
+        return Reader(positional=True, encoded=True,
                       fetch=lambda i: (tf.io.read_file(paths[i]), labels[i]),
                       describe=lambda i: paths[i], kind="file")
     images = tf.constant(source.images[source.indices])
-    return Reader(len(source), positional=True, encoded=False,
+    return Reader(positional=True, encoded=False,
                   fetch=lambda i: (images[i], labels[i]), describe=None, kind="example")
 
 
