@@ -106,7 +106,15 @@ RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of torchvision's Rando
 # training seed (DomainBed's default --seed 0).
 ROTATED_MNIST_SHUFFLE_SEED = 0
 DATA_VERIFY = "decode"           # file check before training: "header" (leading bytes) | "decode"
-TFDS_SHUFFLE_BUFFER = 2000       # encoded images buffered per domain when streaming from TFDS
+# Files that passed the check are remembered in a manifest (fqat_tf.data.manifest), by default
+# in the data root when it is writable, else in this per-user folder; the environment variable
+# names a folder that overrides both.
+MANIFEST_NAME = ".fqat_tf_manifest.json"
+DATA_CACHE_DIR = "~/.cache/fqat_tf"
+DATA_CACHE_ENV = "FQAT_TF_CACHE"
+# TFDS sources are read in file order: every epoch permutes each window of this many
+# consecutive records (encoded images held at once per domain).
+TFDS_SHUFFLE_WINDOW = 2000
 
 # --- Loss landscape (fqat_tf.landscape; Li et al. 2018, paper Fig. 1 and 7) -----------------
 LANDSCAPE_GRID = 21          # points per direction; odd, so the trained model is the centre

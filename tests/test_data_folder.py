@@ -1,5 +1,6 @@
 """Folder layouts: indexing as ImageFolder does, and every kind of bad input, before training."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -201,3 +202,80 @@ def test_domain_arguments_are_checked_before_the_files(tree):
         load_splits("image_folder", tree, test_domains="d_q")
     with pytest.raises(DataError, match="unknown test domain 'cartoons'"):
         load_splits("pacs", tree, test_domains="cartoons")
+
+
+def _link(tree, name, target, where=("d_a", "cat")):
+    path = os.path.join(tree, *where, name)
+    os.symlink(target, path)
+    return path
+
+
+def _domain_size(splits, name):
+    return len(splits.train[name]) + len(splits.val.get(name, ()))
+
+
+@pytest.mark.parametrize("target", ["..", ".", "../.."])
+def test_a_symlink_loop_is_refused_or_skipped_by_name(tree, target, caplog):
+    loop = _link(tree, "loop", target)
+    real = os.path.realpath(loop)
+    with pytest.raises(DataError, match=re.escape(
+            f"1 unsafe path(s) under the data root {tree}:\n  {loop}: a symlink to {real}, a "
+            f"folder that contains it: it loops\nremove or fix them, or pass skip_bad_files")):
+        load_splits("image_folder", tree, test_domains="d_c")
+    splits = load_splits("image_folder", tree, test_domains="d_c", skip_bad_files=True)
+    # The domain keeps its 6 images (a followed loop lists them again at every level).
+    assert _domain_size(splits, "d_a") == 6
+    assert loop in splits.skipped_files and loop in caplog.text
+
+
+def test_a_symlink_out_of_the_data_root_is_refused_or_skipped(tree, tmp_path, caplog):
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(open(os.path.join(tree, "d_b", "cat", "0000.png"), "rb").read())
+    link = _link(tree, "far.png", str(outside))
+    with pytest.raises(DataError, match=re.escape(
+            f"{link}: a symlink to {outside}, outside the data root")):
+        load_splits("image_folder", tree)
+    folder_link = _link(tree, "far", str(tmp_path), where=("d_b", "dog"))
+    splits = load_splits("image_folder", tree, test_domains="d_c", skip_bad_files=True)
+    assert _domain_size(splits, "d_a") == _domain_size(splits, "d_b") == 6
+    assert {link, folder_link} <= set(splits.skipped_files)
+    assert link in caplog.text and folder_link in caplog.text
+
+
+def test_symlinks_inside_the_root_are_followed(tree):
+    image = _link(tree, "copy.png", os.path.join(tree, "d_b", "cat", "0000.png"))
+    relative = _link(tree, "sibling.png", os.path.join("..", "dog", "0001.jpg"))
+    folder_link = _link(tree, "more", os.path.join(tree, "d_c", "cat"))
+    _, (d_a,), skipped = read_folder_tree(tree, ["d_a"])
+    cat = [p for p, label in zip(d_a.paths.tolist(), d_a.labels) if label == 0]
+    assert cat[:5] == [os.path.join(tree, "d_a", "cat", n) for n in (
+        "0000.png", "0001.jpg", "0002.png", "copy.png", "sibling.png")]
+    assert cat[5:] == [os.path.join(folder_link, n) for n in ("0000.png", "0001.jpg", "0002.png")]
+    assert skipped == () and image in cat and relative in cat
+
+
+def test_a_dangling_symlink_is_named_as_unreadable(tree):
+    link = _link(tree, "gone.png", os.path.join(tree, "d_a", "cat", "nothing.png"))
+    with pytest.raises(DataError, match=re.escape(f"not readable images:\n  {link}\n")):
+        load_splits("image_folder", tree)
+
+
+def test_a_file_name_that_is_not_utf8_is_named(tree, caplog):
+    folder = os.path.join(os.fsencode(tree), b"d_b", b"dog")
+    path = os.path.join(folder, b"caf\xe9.png")
+    with open(path, "wb") as f:
+        f.write(open(os.path.join(tree, "d_b", "cat", "0000.png"), "rb").read())
+    shown = repr(path)
+    with pytest.raises(DataError, match=re.escape(f"{shown}: its name is not valid UTF-8")):
+        load_splits("image_folder", tree)
+    splits = load_splits("image_folder", tree, test_domains="d_c", skip_bad_files=True)
+    assert _domain_size(splits, "d_b") == 6 and shown in splits.skipped_files
+    assert shown in caplog.text
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_named(tree):
+    bad = os.path.join(os.fsencode(tree), b"d_a", b"\xff\xfe")
+    os.makedirs(bad)
+    with pytest.raises(DataError, match=re.escape(
+            f"folder {bad!r} under {os.path.join(tree, 'd_a')}: the name is not valid UTF-8")):
+        load_splits("image_folder", tree)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fqat_tf.data import DATASETS, DOMAINNET_GROUPS, eval_streams, load_splits, train_stream
+from fqat_tf.data import (DATASETS, DOMAINNET_GROUPS, eval_stream, eval_streams, load_splits,
+                          train_dataset_fn, train_stream)
 from fqat_tf.data.synthetic import write_image_tree
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -118,3 +119,35 @@ def test_domain_net_through_tfds(tmp_path):
         assert labels.dtype == tf.int64 and int(tf.reduce_max(labels)) < 345
         x, _ = next(iter(eval_streams(splits, 5)["test"]["painting"]))
         assert x.shape == (5, 8, 8, 3)
+
+
+def _take(ds, n):
+    iterator = iter(ds)
+    return [tuple(t.numpy() for t in next(iterator)) for _ in range(n)]
+
+
+def test_tfds_epochs_are_permutations_and_restarts_replay(pacs_splits):
+    source = pacs_splits.train["art_painting"]
+    n = len(source)
+    members = sorted(x.tobytes() for x, _ in _take(eval_stream(source, pacs_splits, 1), n))
+    stream = train_stream(pacs_splits, 1, seed=2, augment=False)
+    seen = [images[0].tobytes() for images, _ in _take(stream, 3 * n)]
+    for e in range(3):
+        assert sorted(seen[e * n:(e + 1) * n]) == members
+    assert seen[:n] != seen[n:2 * n]
+    # Starting inside the second epoch reads and drops its first records: the same batches.
+    again = [images[0].tobytes() for images, _ in
+             _take(train_stream(pacs_splits, 1, seed=2, augment=False, start_step=n + 2), n)]
+    assert again == seen[n + 2:2 * n + 2]
+
+
+def test_tfds_shards_reassemble_into_the_global_batch(pacs_splits):
+    expected = _take(train_stream(pacs_splits, 2, seed=4, start_step=1), 3)
+    fn = train_dataset_fn(pacs_splits, 2, seed=4, start_step=1)
+    workers = [_take(fn(tf.distribute.InputContext(2, w, 2)), 3) for w in range(2)]
+    for step, (images, labels) in enumerate(expected):
+        # Domain d's block is worker 0's image of domain d, then worker 1's.
+        parts = [workers[w][step] for w in range(2)]
+        for kind, want in enumerate((images, labels)):
+            got = np.concatenate([parts[w][kind][d:d + 1] for d in range(3) for w in range(2)])
+            assert np.array_equal(got, want)

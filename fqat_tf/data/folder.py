@@ -3,16 +3,29 @@
 Files are listed as torchvision's `ImageFolder` lists them (classes sorted, files found
 recursively and sorted), so an index into a domain names the same image as in DomainBed. Every
 file is checked up front: a file that is not a readable image would otherwise stop training
-hours later, so it is reported by name here, or skipped and counted when asked.
+hours later, so it is reported by name here, or skipped and counted when asked. The check is
+remembered (`manifest`), so later start-ups check only new or changed files.
+
+Unlike `ImageFolder` (`os.walk(followlinks=True)`), the listing refuses what would make a tree
+mean something else than it shows: a symlink inside a class folder that loops back to a folder
+containing it (followed, it lists the same images again and again), a symlink whose target
+leaves the data root (the real folders of the root, the domain and the class), and a name that
+is not valid UTF-8 (TensorFlow takes paths as UTF-8). Each is named in a `DataError`, or left
+out with a warning naming it under `skip_bad_files`. Symlinks to files or folders inside the
+root are followed.
 """
 import dataclasses
+import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from fqat_tf.data import manifest
 from fqat_tf.data.registry import DataError
+
+log = logging.getLogger(__name__)
 
 # Leading bytes of the formats `tf.io.decode_image` reads.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
@@ -33,18 +46,72 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+def _utf8(name: str) -> bool:
+    # Python decodes undecodable bytes of a file name to lone surrogates.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: str) -> str:
+    """A path as an error shows it: the bytes' repr when it is not valid UTF-8."""
+    return path if _utf8(path) else repr(os.fsencode(path))
+
+
 def list_subdirs(path: str) -> List[str]:
-    """Returns the sorted names of the visible subfolders of `path`."""
+    """Returns the sorted names of the visible subfolders of `path`.
+
+    Raises:
+        DataError: a subfolder's name is not valid UTF-8.
+    """
     with os.scandir(path) as it:
-        return sorted(e.name for e in it if e.is_dir() and _visible(e.name))
+        names = sorted(e.name for e in it if e.is_dir() and _visible(e.name))
+    for name in names:
+        if not _utf8(name):
+            raise DataError(f"folder {_shown(os.path.join(path, name))} under {path}: the name "
+                            f"is not valid UTF-8; rename it")
+    return names
 
 
-def _list_files(class_dir: str) -> List[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _visible(f))
-    return found
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@dataclasses.dataclass
+class _Listing:
+    files: List[str] = dataclasses.field(default_factory=list)
+    unsafe: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why)
+
+
+def _walk(folder: str, bounds: Sequence[str], walking: List[str], listing: _Listing) -> None:
+    """Lists `folder` as `os.walk(followlinks=True)` would, top-down and sorted, refusing
+    unsafe entries; `walking` holds the real paths of the folders being walked."""
+    with os.scandir(folder) as it:
+        entries = sorted((e for e in it if _visible(e.name)), key=lambda e: e.name)
+    subfolders = []
+    for entry in entries:
+        path = entry.path
+        if not _utf8(entry.name):
+            listing.unsafe.append((path, "its name is not valid UTF-8"))
+        elif entry.is_symlink():
+            target = os.path.realpath(path)
+            if not any(_inside(target, b) for b in bounds):
+                listing.unsafe.append((path, f"a symlink to {target}, outside the data root"))
+            elif not os.path.isdir(target):
+                listing.files.append(path)  # A dangling link fails the image check, named.
+            elif any(_inside(w, target) for w in walking):
+                listing.unsafe.append((path, f"a symlink to {target}, a folder that contains "
+                                             f"it: it loops"))
+            else:
+                subfolders.append((path, target))
+        elif entry.is_dir():
+            subfolders.append((path, os.path.realpath(path)))
+        else:
+            listing.files.append(path)
+    for path, real in subfolders:
+        _walk(path, bounds, walking + [real], listing)
 
 
 def _is_image_header(path: str) -> bool:
@@ -136,7 +203,7 @@ def check_domains(root: str, domains: Optional[Sequence[str]] = None) -> List[st
 
 def read_folder_tree(root: str, domains: Optional[Sequence[str]] = None,
                      class_names: Optional[Sequence[str]] = None, verify: str = "decode",
-                     skip_bad_files: bool = False
+                     skip_bad_files: bool = False, cache_dir: Optional[str] = None
                      ) -> Tuple[Tuple[str, ...], List[FolderDomain], Tuple[str, ...]]:
     """Lists and checks a tree `root/<domain>/<class>/*` of images.
 
@@ -146,15 +213,18 @@ def read_folder_tree(root: str, domains: Optional[Sequence[str]] = None,
         class_names: the class folders every domain must have; None takes those of the first
             domain and requires the others to match.
         verify: how far to check the files, see `find_bad_files`.
-        skip_bad_files: leave out files that are not readable images instead of raising.
+        skip_bad_files: leave out files that are not readable images and unsafe paths (see
+            above) instead of raising.
+        cache_dir: where the manifest of checked files is kept (`manifest.location`).
 
     Returns:
-        (class names, one `FolderDomain` per domain, the skipped files).
+        (class names, one `FolderDomain` per domain, the skipped files and unsafe paths).
 
     Raises:
         FileNotFoundError: `root` or a domain folder does not exist.
         DataError: no domain folders, class folders that differ between domains, an empty
-            class, or (without `skip_bad_files`) a file that is not a readable image.
+            class, a folder name that is not valid UTF-8, or (without `skip_bad_files`) a file
+            that is not a readable image or an unsafe path.
     """
     domains = check_domains(root, domains)
     tree = {d: list_subdirs(os.path.join(root, d)) for d in domains}
@@ -164,16 +234,43 @@ def read_folder_tree(root: str, domains: Optional[Sequence[str]] = None,
     _check_classes(tree, class_names, root)
     classes = tuple(tree[domains[0]])
 
-    files = {(d, c): _list_files(os.path.join(root, d, c)) for d in domains for c in classes}
+    files, unsafe = _list_classes(root, domains, classes)
+    if unsafe:
+        shown = [f"{_shown(path)}: {why}" for path, why in unsafe]
+        if not skip_bad_files:
+            raise DataError(f"{len(unsafe)} unsafe path(s) under the data root {root}:"
+                            f"{_listed(shown)}\nremove or fix them, or pass skip_bad_files=True "
+                            f"to leave them out")
+        log.warning("left out %d unsafe path(s) under the data root %s:%s", len(unsafe), root,
+                    _listed(shown))
     every_file = [p for key in files for p in files[key]]
-    bad = find_bad_files(every_file, verify)
+    bad = manifest.check_files(root, every_file, domains, verify, find_bad_files, cache_dir)
     if bad and not skip_bad_files:
-        shown = "\n  ".join(bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise DataError(
-            f"{len(bad)} file(s) under {root} are not readable images:\n  {shown}{more}\n"
-            f"remove them, or pass skip_bad_files=True to leave them out")
-    return classes, _label_files(root, domains, classes, files, set(bad)), tuple(bad)
+        raise DataError(f"{len(bad)} file(s) under {root} are not readable images:{_listed(bad)}"
+                        f"\nremove them, or pass skip_bad_files=True to leave them out")
+    skipped = tuple(bad) + tuple(_shown(path) for path, _ in unsafe)
+    return classes, _label_files(root, domains, classes, files, set(bad)), skipped
+
+
+def _listed(lines: Sequence[str], most: int = 10) -> str:
+    more = f"\n  ... and {len(lines) - most} more" if len(lines) > most else ""
+    return "".join(f"\n  {line}" for line in lines[:most]) + more
+
+
+def _list_classes(root, domains, classes):
+    """(domain, class) -> files, and the unsafe paths found, for every class folder."""
+    root_real = os.path.realpath(root)
+    files, unsafe = {}, []
+    for d in domains:
+        domain_real = os.path.realpath(os.path.join(root, d))
+        for c in classes:
+            class_dir = os.path.join(root, d, c)
+            class_real = os.path.realpath(class_dir)
+            listing = _Listing()
+            _walk(class_dir, (root_real, domain_real, class_real), [class_real], listing)
+            files[(d, c)] = listing.files
+            unsafe.extend(listing.unsafe)
+    return files, unsafe
 
 
 def _label_files(root, domains, classes, files, bad) -> List[FolderDomain]:

@@ -14,7 +14,8 @@ from fqat_tf.errors import UserError
 
 
 class DataError(UserError):
-    """Bad data or a bad data argument, found before any training starts."""
+    """Bad data or a bad data argument, found before any training starts (or, through
+    `explain_input_error`, an image file that changed while a run read it)."""
 
 
 @dataclasses.dataclass(frozen=True)

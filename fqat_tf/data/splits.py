@@ -75,7 +75,8 @@ class Splits:
         train, val, test: domain name -> `Source`; `val` is the hold-out of each training
             domain (empty when the hold-out fraction is 0), `test` the test domains whole.
         seed: the hold-out seed.
-        skipped_files: files left out because they are not readable images.
+        skipped_files: files left out because they are not readable images, and unsafe paths
+            left out (`folder.read_folder_tree`).
     """
 
     info: DatasetInfo
@@ -120,13 +121,13 @@ def _check_args(holdout_fraction, image_size, source, verify, info):
             raise DataError(f"image_size={image_size!r}; expected a positive int")
 
 
-def _read_folder(info, data_dir, verify, skip_bad_files):
+def _read_folder(info, data_dir, verify, skip_bad_files, cache_dir):
     if info.name == "image_folder":
         root, domains = data_dir, None
     else:
         root, domains = folder_lib.dataset_root(data_dir, info.folder, info.domains), info.domains
     class_names, domains_read, skipped = folder_lib.read_folder_tree(
-        root, domains, info.class_names, verify, skip_bad_files)
+        root, domains, info.class_names, verify, skip_bad_files, cache_dir)
     if info.num_classes is not None and len(class_names) != info.num_classes:
         raise DataError(f"{root} has {len(class_names)} class folders per domain; {info.name} "
                         f"has {info.num_classes}")
@@ -146,7 +147,7 @@ def _read_rotated_mnist(info, data_dir):
     return info.domains, tuple(str(c) for c in range(10)), sources, ()
 
 
-def _read(info, data_dir, source, verify, skip_bad_files):
+def _read(info, data_dir, source, verify, skip_bad_files, cache_dir):
     if info.name.startswith("rotated_mnist"):
         return _read_rotated_mnist(info, data_dir)
     if source == "auto":
@@ -159,7 +160,7 @@ def _read(info, data_dir, source, verify, skip_bad_files):
         from fqat_tf.data import tfds_builders  # Imports TFDS, which is slow; only here.
         class_names, sources = tfds_builders.read_tfds_domains(info, data_dir)
         return info.domains, class_names, sources, ()
-    return _read_folder(info, data_dir, verify, skip_bad_files)
+    return _read_folder(info, data_dir, verify, skip_bad_files, cache_dir)
 
 
 def _has_folder_layout(info, data_dir):
@@ -198,7 +199,7 @@ def load_splits(name: str, data_dir: Optional[str] = None, test_domains=(0,),
                 holdout_fraction: float = defaults.HOLDOUT_FRACTION, seed: int = 0,
                 skip_bad_files: bool = False, *, train_domains: Optional[Sequence] = None,
                 image_size: Optional[int] = None, source: str = "auto",
-                verify: str = defaults.DATA_VERIFY) -> Splits:
+                verify: str = defaults.DATA_VERIFY, cache_dir: Optional[str] = None) -> Splits:
     """Reads and checks a dataset and splits it for one leave-domains-out run.
 
     Args:
@@ -209,30 +210,37 @@ def load_splits(name: str, data_dir: Optional[str] = None, test_domains=(0,),
         test_domains: held-out domains, by name or index (one, or a sequence); may be empty.
         holdout_fraction: the fraction of every training domain held out for validation.
         seed: the hold-out seed (DomainBed's trial seed).
-        skip_bad_files: leave out files that are not readable images (they are counted in
-            `Splits.skipped_files` and logged) instead of raising.
+        skip_bad_files: leave out files that are not readable images, and unsafe paths
+            (symlinks that loop or leave the data root, names that are not UTF-8), instead of
+            raising; they are listed in `Splits.skipped_files` and logged.
         train_domains: the training domains; None takes every domain that is not a test domain.
         image_size: the square side the photos are fed at (default `defaults.IMAGE_SIZE`).
         source: "folder", "tfds", or "auto" (the folder layout where found; DomainNet falls back
             to TFDS's `domainnet`).
-        verify: how far image files are checked: "header" or "decode" (every image decoded).
+        verify: how far image files are checked: "header" or "decode" (every image decoded);
+            a file checked before and unchanged since is not checked again (`manifest`).
+        cache_dir: where the manifest of checked files is kept; default `$FQAT_TF_CACHE`, else
+            the data root when writable, else `~/.cache/fqat_tf` (`manifest.location`).
 
     Returns:
         The `Splits`.
 
     Raises:
         DataError: an unknown dataset or domain, a test domain that is also a training domain,
-            no training domain, bad arguments, or bad files (see `folder.read_folder_tree`).
+            no training domain, bad arguments, or bad files or paths (see
+            `folder.read_folder_tree`).
         FileNotFoundError: a missing data folder or domain folder.
     """
     info = get_info(name)
     _check_args(holdout_fraction, image_size, source, verify, info)
     # Domain arguments are checked before the (slow) file checks.
     train, test = _choose_domains(_known_domains(info, data_dir), test_domains, train_domains)
-    domains, class_names, whole, skipped = _read(info, data_dir, source, verify, skip_bad_files)
+    domains, class_names, whole, skipped = _read(info, data_dir, source, verify, skip_bad_files,
+                                                 cache_dir)
     if skipped:
         logging.getLogger(__name__).warning(
-            "skipped %d file(s) that are not readable images, e.g. %s", len(skipped), skipped[0])
+            "skipped %d file(s) that are not readable images or unsafe paths, e.g. %s",
+            len(skipped), skipped[0])
     size = image_size or info.input_shape[0]
     info = dataclasses.replace(
         info, domains=domains, num_classes=len(class_names), class_names=tuple(class_names),
