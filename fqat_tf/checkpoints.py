@@ -4,6 +4,10 @@ A process killed while TensorFlow writes a checkpoint leaves `ckpt-N_temp/` behi
 leave `ckpt-N` truncated while the state file already names it. On resume the temporary
 folders are removed and the newest checkpoint that restores is used; broken ones are deleted
 with a warning, so a crash costs at most the steps since the previous checkpoint.
+
+In a multi-worker run every worker saves (TensorFlow's rule: saving is collective), the chief
+into the run directory and the others into a private folder they remove after each save;
+every worker restores the checkpoint the chief chose, from the run directory.
 """
 import glob
 import logging
@@ -12,7 +16,7 @@ import shutil
 
 import tensorflow as tf
 
-from fqat_tf import defaults
+from fqat_tf import defaults, runtime
 from fqat_tf.rundir import RunError
 
 log = logging.getLogger(__name__)
@@ -79,3 +83,44 @@ def restore_latest(checkpoint, directory):
         raise RunError(f"{directory}: no checkpoint restores ({', '.join(candidates)}); "
                        f"delete the run directory to start it again")
     return ckpt_manager, None
+
+
+class RunCheckpoints:
+    """The checkpoints of one stage, for the chief and the other workers alike.
+
+    Args:
+        checkpoint: the stage's `tf.train.Checkpoint`.
+        directory: the run directory's checkpoint folder.
+        strategy: the distribution strategy the stage trains under.
+    """
+
+    def __init__(self, checkpoint, directory, strategy):
+        self.checkpoint, self.directory, self.strategy = checkpoint, directory, strategy
+        self.chief = runtime.is_chief(strategy)
+        self.manager = None
+        self._private = None if self.chief else os.path.join(
+            directory, f".worker-{runtime.worker_index(strategy)}")
+
+    def restore(self):
+        """Restores the newest intact checkpoint the chief finds; returns its step or None."""
+        step = None
+        if self.chief:
+            self.manager, step = restore_latest(self.checkpoint, self.directory)
+        step = runtime.chief_decides(self.strategy, -1 if step is None else step)
+        if not self.chief:
+            self.manager = _manager(self.checkpoint, self._private)
+            if step >= 0:
+                self.checkpoint.restore(os.path.join(self.directory, f"ckpt-{step}")
+                                        ).assert_existing_objects_matched()
+        return None if step < 0 else step
+
+    @property
+    def latest(self):
+        """The chief's newest checkpoint, or None."""
+        return tf.train.latest_checkpoint(self.directory)
+
+    def save(self, step):
+        """Saves checkpoint `step` (every worker must call it)."""
+        self.manager.save(checkpoint_number=step)
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)

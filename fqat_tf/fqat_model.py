@@ -226,7 +226,21 @@ class FQATModel(keras.Model):
                  list(grads.g_flat), self._scale_gradient_stats(grads, scale_grads)))
         logs = self.compute_metrics(x, y, grads.y_pred, sample_weight=sample_weight)
         logs["frozen"] = self.freeze_state.frozen_fraction()
-        return logs
+        return self._multi_worker_logs(logs)
+
+    def test_step(self, data):
+        return self._multi_worker_logs(super().test_step(data))
+
+    def _multi_worker_logs(self, logs):
+        """Logs as Keras can reduce them under MultiWorkerMirroredStrategy.
+
+        Keras 3 averages a multi-worker run's per-replica logs along axis 0, which a scalar
+        lacks ("Invalid reduction dimension 0 for input with 0 dimensions"); a [1] vector
+        averages to the same value.
+        """
+        if not isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return logs
+        return {k: tf.reshape(v, [1]) for k, v in logs.items()}
 
     def _scale_gradient_stats(self, grads, scale_grads):
         """[3, n]: per scale, the sum of g_va, of g_flat and of the gradient that moves it."""

@@ -118,13 +118,13 @@ class FreezeState(keras.layers.Layer):
                                    name=name)
 
         self.masks = weight("masks", (n,), init="ones")
-        shapes = [tuple(s.shape) for s in scales]
-        self.prev = [weight(f"prev_{i}", sh) for i, sh in enumerate(shapes)]
-        self.flips = [weight(f"flips_{i}", sh) for i, sh in enumerate(shapes)]
-        self.flat_prev = [weight(f"flat_prev_{i}", sh) for i, sh in enumerate(shapes)
-                          ] if self.track_flat else []
-        self.flat_flips = [weight(f"flat_flips_{i}", sh) for i, sh in enumerate(shapes)
-                           ] if self.track_flat else []
+        # One attribute per variable: TensorFlow checkpoints of Keras layers follow attributes,
+        # not lists, so a list of variables would be left out of `tf.train.Checkpoint`.
+        parts = ("prev", "flips") + (("flat_prev", "flat_flips") if self.track_flat else ())
+        for part in parts:
+            for i, s in enumerate(scales):
+                setattr(self, f"{part}_{i}", weight(f"{part}_{i}", tuple(s.shape)))
+        self._parts = parts
         self.count = weight("count", (), "int64")
         self.step = weight("step", (), "int64")
         self.interval = weight("interval", (), "int64")
@@ -135,6 +135,29 @@ class FreezeState(keras.layers.Layer):
         self.decisions = weight("decisions", (), "int64")
         self.decision_step = weight("decision_step", (), "int64")
         self.built = True
+
+    def _per_scale(self, part):
+        if part not in self._parts:
+            return []
+        return [getattr(self, f"{part}_{i}") for i in range(len(self.scale_names))]
+
+    @property
+    def prev(self):
+        """Per scale: the signs of g_va at the last step (elements of the scale's shape)."""
+        return self._per_scale("prev")
+
+    @property
+    def flips(self):
+        """Per scale: how often each element's g_va sign flipped in the current window."""
+        return self._per_scale("flips")
+
+    @property
+    def flat_prev(self):
+        return self._per_scale("flat_prev")
+
+    @property
+    def flat_flips(self):
+        return self._per_scale("flat_flips")
 
     @property
     def num_scales(self):

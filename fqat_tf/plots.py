@@ -94,7 +94,9 @@ def _read_table(csv_path, required, optional=()):
 
 def _number(column, text):
     if column != "mask":
-        return float(text)
+        # An empty cell is a value the run does not have (the g_flat disorder of a one-pass
+        # method).
+        return float(text) if text.strip() else np.nan
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return float(lowered == "true")

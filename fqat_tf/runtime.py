@@ -110,3 +110,20 @@ def worker_index(current=None):
     """This process's index among the workers (0 without a cluster)."""
     resolver = getattr(current or tf.distribute.get_strategy(), "cluster_resolver", None)
     return int(getattr(resolver, "task_id", 0) or 0) if resolver is not None else 0
+
+
+def chief_decides(current, value):
+    """The chief's integer `value`, on every worker: a decision all workers must follow.
+
+    A collective in a multi-worker run (every worker calls it, at the same point); elsewhere
+    `value` itself.
+    """
+    if not isinstance(current, tf.distribute.MultiWorkerMirroredStrategy):
+        return value
+
+    def chief_only():
+        first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+        return tf.where(first, tf.constant(int(value), tf.int64), tf.constant(0, tf.int64))
+
+    total = current.reduce(tf.distribute.ReduceOp.SUM, current.run(chief_only), axis=None)
+    return type(value)(int(total.numpy()))

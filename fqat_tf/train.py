@@ -270,6 +270,10 @@ def _main(argv):
     if settings["deterministic"]:
         # Before the train function is compiled.
         runtime.enable_determinism()
+    if settings["strategy"] == "multiworker":
+        # Its collective ops are configured at start-up, before TensorFlow runs any op; a bad
+        # cluster is refused here, before any run directory is made.
+        runtime.strategy("multiworker")
     _check_runtime(settings)
     from fqat_tf import trainer
 

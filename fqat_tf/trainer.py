@@ -11,6 +11,7 @@ A run directory belongs to one process at a time (`rundir.run_lock`) and to one 
 directory holding a run with other settings is refused, finished or not. Inputs (data, the
 initial checkpoint, the ERM model) are read and checked before anything is written into it.
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,19 +84,36 @@ def check_settings(s, run_dir):
 
 
 class Inputs:
-    """The data of a run, read and checked once and shared by its stages."""
+    """The data of a run, read and checked once and shared by its stages.
+
+    The training batch of step n is a pure function of the seed and n (`fqat_tf.data`), so a
+    stage starts its stream at the step it resumes from and no iterator is checkpointed.
+    """
 
     def __init__(self, s):
+        self.s = s
         self.splits = data.load_splits(
             s["dataset"], data_dir=s["data_dir"], test_domains=s["test_domains"],
             holdout_fraction=s["holdout_fraction"], seed=s["seed"],
             skip_bad_files=s["skip_bad_files"], image_size=s["image_size"])
-        self.stream = data.train_stream(self.splits, s["batch_per_domain"], seed=s["seed"])
         self.eval_streams = data.eval_streams(self.splits, s["eval_batch_size"])
 
     @property
     def num_classes(self):
         return self.splits.info.num_classes
+
+    def train_stream(self, start_step=0):
+        """The global batches from `start_step` on, in this process."""
+        return data.train_stream(self.splits, self.s["batch_per_domain"], seed=self.s["seed"],
+                                 start_step=start_step)
+
+    def distributed(self, strategy, start_step):
+        """The batches from `start_step` on as `strategy` feeds its replicas: each worker
+        reads only its replicas' rows of every global batch."""
+        if self.s["strategy"] == "default":
+            return self.train_stream(start_step)
+        return strategy.distribute_datasets_from_function(data.train_dataset_fn(
+            self.splits, self.s["batch_per_domain"], seed=self.s["seed"], start_step=start_step))
 
 
 def run(s):
@@ -106,9 +124,12 @@ def run(s):
         DataError: the data cannot be read.
     """
     out = s["output_dir"]
-    with rundir.run_lock(out):
+    strategy = runtime.strategy(s["strategy"])
+    # The workers of a multi-worker run share its directory; the chief holds its lock.
+    chief = runtime.is_chief(strategy)
+    with rundir.run_lock(out) if chief else contextlib.nullcontext():
         check_settings(s, out)
-        if rundir.is_finished(out):
+        if runtime.chief_decides(strategy, rundir.is_finished(out)):
             log.info("%s is finished; not rerun", out)
             return rundir.read_results(out)
         inputs = Inputs(s)
@@ -117,9 +138,9 @@ def run(s):
             erm = erm_settings(s)
             erm_dir = erm["output_dir"] = os.path.join(s["erm_cache_dir"], erm_hash(s))
             # Runs of a parallel sweep that share this stage wait here while one trains it.
-            with rundir.run_lock(erm_dir, wait=True):
+            with rundir.run_lock(erm_dir, wait=True) if chief else contextlib.nullcontext():
                 check_settings(erm, erm_dir)
-                if rundir.is_finished(erm_dir):
+                if runtime.chief_decides(strategy, rundir.is_finished(erm_dir)):
                     log.info("ERM stage: reusing %s", erm_dir)
                 else:
                     train_stage(erm, erm_dir, inputs)
@@ -196,47 +217,54 @@ def _stage_line(s, run_dir):
 
 
 def train_stage(s, run_dir, inputs, start_from=None):
-    """Trains (or resumes) one stage in `run_dir`, whose lock the caller holds.
+    """Trains (or resumes) one stage in `run_dir`, whose lock the caller (the chief) holds.
 
     The model is built (the init checkpoint or the ERM model read) before the run's settings
-    are written, so bad input leaves the directory as it was.
+    are written, so bad input leaves the directory as it was. In a multi-worker run every
+    worker trains; only the chief writes the run's files, and the others write their
+    checkpoints to a private folder they remove (TensorFlow's multi-worker rule).
     """
     keras.utils.set_random_seed(s["seed"])
     if s["mixed_precision"]:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     strategy = runtime.strategy(s["strategy"])
+    chief = runtime.is_chief(strategy)
     with strategy.scope():
         qmodel = _build(s, inputs.splits, start_from)
         fq = _compile(s, qmodel)
-        iterator = iter(strategy.experimental_distribute_dataset(inputs.stream)
-                        if s["strategy"] != "default" else inputs.stream)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        wall = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_time_s")
-        loss_start = tf.Variable(np.nan, dtype=tf.float64, trainable=False, name="loss_start")
-        loss_peak = tf.Variable(np.nan, dtype=tf.float64, trainable=False, name="loss_peak")
-    if not os.path.exists(os.path.join(run_dir, rundir.FLAGS_JSON)):
+        state = {name: tf.Variable(value, dtype=dtype, trainable=False, name=name)
+                 for name, value, dtype in (("step", 0, tf.int64), ("wall_time_s", 0.0, tf.float64),
+                                            ("loss_start", np.nan, tf.float64),
+                                            ("loss_peak", np.nan, tf.float64))}
+    if chief and not os.path.exists(os.path.join(run_dir, rundir.FLAGS_JSON)):
         rundir.write_json(os.path.join(run_dir, rundir.FLAGS_JSON), s)
-    if s["verbose"]:
+    if s["verbose"] and chief:
         print(_stage_line(s, run_dir), flush=True)
-    ckpt = tf.train.Checkpoint(model=fq, optimizer=fq.optimizer, iterator=iterator, step=step,
-                               wall_time_s=wall, loss_start=loss_start, loss_peak=loss_peak)
+    # The variables list as well: a Keras layer's TensorFlow checkpoint follows its attributes
+    # only, and some state lives in lists or dicts (an EWGS quantizer's delta).
+    ckpt = tf.train.Checkpoint(model=fq, variables=list(fq.variables),
+                               optimizer=fq.optimizer, **state)
     if fq.scale_optimizer is not None:
         ckpt.scale_optimizer = fq.scale_optimizer
-    manager, restored = checkpoints.restore_latest(ckpt, os.path.join(run_dir,
-                                                                      rundir.CHECKPOINTS))
+    saved = checkpoints.RunCheckpoints(ckpt, os.path.join(run_dir, rundir.CHECKPOINTS),
+                                       strategy)
+    restored = saved.restore()
     if restored is None:
         files = _RunFiles(run_dir, -1)
         if quantized(s):
-            calibration.calibrate_scales(qmodel, inputs.stream, s["calibration_batches"],
+            stream = inputs.train_stream()
+            calibration.calibrate_scales(qmodel, stream, s["calibration_batches"],
                                          method=s["calibration"])
-            calibration.calibrate_ranges(qmodel, inputs.stream, s["calibration_batches"])
+            calibration.calibrate_ranges(qmodel, stream, s["calibration_batches"])
     else:
         files = _RunFiles(run_dir, restored)
         log.info("resumed %s at step %d", run_dir, restored)
-    stage = _Stage(s, run_dir, fq, inputs, files, manager,
-                   {"iterator": iterator, "step": step, "wall": wall,
-                    "loss_start": loss_start, "loss_peak": loss_peak})
-    return stage.loop()
+    state["iterator"] = iter(inputs.distributed(strategy, restored or 0))
+    results = _Stage(s, run_dir, fq, inputs, files, saved, state, chief).loop()
+    # Every worker leaves the stage once the chief has written its files (the next stage
+    # reads the model it selected).
+    runtime.chief_decides(strategy, 0)
+    return results
 
 
 class _RunFiles:
@@ -285,9 +313,9 @@ def divergence(records, loss_start, loss_peak, num_classes):
 class _Stage:
     """The training loop of one stage and the writing of its results."""
 
-    def __init__(self, s, run_dir, fq, inputs, files, manager, state):
+    def __init__(self, s, run_dir, fq, inputs, files, saved, state, chief):
         self.s, self.run_dir, self.fq, self.inputs = s, run_dir, fq, inputs
-        self.files, self.manager, self.state = files, manager, state
+        self.files, self.saved, self.state, self.chief = files, saved, state, chief
         self.is_q = quantized(s)
         self.gradient_window = s.get("gradient_window") or s.get("freeze_interval") or 1
         self.warned = False
@@ -300,7 +328,7 @@ class _Stage:
                                                     or 0.0)
             cbs.append(self.freeze_cb)
             if self.s["quantizer"] == "ewgs" and self.s["ewgs_delta_mode"] == "hessian":
-                cbs.append(EWGSDeltaCallback(next(iter(self.inputs.stream)),
+                cbs.append(EWGSDeltaCallback(next(iter(self.inputs.train_stream())),
                                              interval=self.s["ewgs_hessian_interval"],
                                              seed=self.s["seed"]))
         return keras.callbacks.CallbackList(cbs, model=self.fq)
@@ -324,15 +352,15 @@ class _Stage:
 
     def _train_step(self, train_fn, iterator, n):
         try:
-            return train_fn(iterator)
+            return _named_input_errors(train_fn, iterator)
         except FloatingPointError as e:
-            last = self.manager.latest_checkpoint
+            last = self.saved.latest
             raise RunError(f"{self.run_dir}: {e} The run stopped at step {n + 1}; its last "
                            f"checkpoint ({os.path.basename(last) if last else 'none'}) is "
                            f"intact.") from None
 
     def _warn(self, reason, n):
-        if reason and not self.warned:
+        if reason and self.chief and not self.warned:
             self.warned = True
             print(f"\nWARNING: step {n}: the run looks diverged: {reason}", flush=True)
             log.warning("%s: diverged at step %d: %s", self.run_dir, n, reason)
@@ -348,9 +376,11 @@ class _Stage:
             for k, v in logs.items():
                 tf.summary.scalar(f"train/{k}", v)
         self.fq.reset_metrics()
-        if n > s["eval_after"] or n == s["steps"]:
-            record = {"step": n, **data.evaluate(self.fq.qmodel, self.inputs.eval_streams,
-                                                 verbose=0)}
+        # Evaluation changes nothing the training depends on: only the chief, who writes the
+        # records and the selected model, evaluates.
+        if self.chief and (n > s["eval_after"] or n == s["steps"]):
+            record = {"step": n, **_named_input_errors(
+                data.evaluate, self.fq.qmodel, self.inputs.eval_streams, verbose=0)}
             self.files.records.append(record)
             with self.writer.as_default(step=n):
                 for k, v in record.items():
@@ -362,9 +392,10 @@ class _Stage:
             if s["verbose"]:
                 print(f"\nstep {n}: val {record['val_avg']:.4f} test {record['test_avg']:.4f}")
         self._warn(self._divergence(), n)
-        st["wall"].assign(self.wall_before + time.time() - self.started)
-        self.files.write()
-        self.manager.save(checkpoint_number=n)
+        st["wall_time_s"].assign(self.wall_before + time.time() - self.started)
+        if self.chief:
+            self.files.write()
+        self.saved.save(n)
 
     def _divergence(self):
         return divergence(self.files.records, float(self.state["loss_start"].numpy()),
@@ -372,15 +403,17 @@ class _Stage:
 
     def loop(self):
         s, st, fq = self.s, self.state, self.fq
-        self.started, self.wall_before = time.time(), float(st["wall"].numpy())
+        self.started, self.wall_before = time.time(), float(st["wall_time_s"].numpy())
         total = s["steps"]
         callbacks = self._callbacks()
-        self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir,
-                                                                 rundir.TENSORBOARD))
+        self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir,
+                                                                  rundir.TENSORBOARD))
+                       if self.chief else tf.summary.create_noop_writer())
         train_fn = fq.make_train_function()
         self.best = max((r["val_avg"] for r in self.files.records), default=-1.0)
         keys = ["loss", "accuracy", "frozen"]
-        progbar = keras.utils.Progbar(total, verbose=s["verbose"], stateful_metrics=keys)
+        progbar = keras.utils.Progbar(total, verbose=s["verbose"] if self.chief else 0,
+                                      stateful_metrics=keys)
         n = int(st["step"].numpy())
         progbar.update(n)
         callbacks.on_train_begin()
@@ -400,10 +433,12 @@ class _Stage:
                 self._window_end(n, logs)
         callbacks.on_train_end()
         self.writer.close()
-        return self._finish(float(st["wall"].numpy()))
+        return self._finish(float(st["wall_time_s"].numpy()))
 
     def _finish(self, wall_time):
         s, fq = self.s, self.fq
+        if not self.chief:
+            return {"worker": runtime.worker_index(runtime.strategy(s["strategy"]))}
         chosen = data.select_best(self.files.records)
         state = fq.freeze_state
         reason = self._divergence()
@@ -432,6 +467,17 @@ class _Stage:
             plots.plot_run(self.run_dir)
         rundir.write_json(os.path.join(self.run_dir, rundir.RESULTS), results)
         return results
+
+
+def _named_input_errors(fn, *args, **kwargs):
+    """Calls fn; a TensorFlow error that comes from reading an input file names that file."""
+    try:
+        return fn(*args, **kwargs)
+    except tf.errors.OpError as e:
+        error = data.explain_input_error(e)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _save_model(model, run_dir):

@@ -24,3 +24,23 @@ def _seed():
     np.random.seed(1234)
     yield
     keras.backend.clear_session()
+
+
+# Bookkeeping that differs between an interrupted and an uninterrupted run by design.
+NOT_COMPARED = ("wall_time_s", "save_counter", "iterator")
+
+
+def final_state(run_dir):
+    """Every variable of a run's last checkpoint except bookkeeping, by checkpoint key."""
+    from fqat_tf import rundir
+
+    reader = tf.train.load_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if not k.startswith("_CHECKPOINTABLE") and not any(n in k for n in NOT_COMPARED)}
+
+
+def assert_same_bits(a, b):
+    """Two final states hold the same variables with the same bits."""
+    assert a.keys() == b.keys() and len(a) > 20
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} variables differ, e.g. {differ[:5]}"

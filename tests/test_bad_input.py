@@ -141,8 +141,8 @@ def test_damaged_flags_json_is_named(tmp_path):
 def test_damaged_evals_jsonl_is_named(tmp_path):
     out, erm = str(tmp_path / "run"), str(tmp_path / "erm")
     killed = _run(TINY + [f"--output_dir={out}", f"--erm_cache_dir={erm}"],
-                  prefix=(sys.executable, os.path.join(ROOT, "tests", "killpoint.py"),
-                          "final", "--"))
+                  prefix=(sys.executable, os.path.join(ROOT, "tests", "train_under_test.py"),
+                          "--kill=final", "--"))
     assert killed.returncode == -signal.SIGKILL
     with open(os.path.join(out, rundir.EVALS), "a") as f:
         f.write('{"step": 9, "val_avg": \n')

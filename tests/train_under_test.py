@@ -1,6 +1,7 @@
-"""Runs `python -m fqat_tf.train` and kills it with SIGKILL at a chosen point (for the tests).
+"""Runs `python -m fqat_tf.train` for the tests: killed with SIGKILL at a chosen point, and/or
+on several logical CPU devices (what `--strategy=mirrored` uses on a machine without a GPU).
 
-    python tests/killpoint.py POINT -- <fqat_tf.train flags>
+    python tests/train_under_test.py [--kill=POINT] [--logical_cpus=N] -- <fqat_tf.train flags>
 
 POINT is one of
     calibration        while the QAT stage calibrates its steps (after the kernel steps)
@@ -95,19 +96,29 @@ def _install(point, output_dir):
 
         rundir.write_json = write_or_die
     else:
-        raise SystemExit(f"killpoint.py: unknown point {point!r}")
+        raise SystemExit(f"train_under_test.py: unknown point {point!r}")
 
 
 def main():
-    if len(sys.argv) < 3 or sys.argv[2] != "--":
+    if "--" not in sys.argv:
         raise SystemExit(__doc__)
-    output_dir = [a.split("=", 1)[1] for a in sys.argv[3:] if a.startswith("--output_dir=")]
-    _install(sys.argv[1], output_dir[-1] if output_dir else None)
+    split = sys.argv.index("--")
+    own, train_argv = sys.argv[1:split], sys.argv[split + 1:]
+    options = dict(arg.lstrip("-").split("=", 1) for arg in own)
+    if "logical_cpus" in options:
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * int(options["logical_cpus"]))
+    if "kill" in options:
+        output_dir = [a.split("=", 1)[1] for a in train_argv if a.startswith("--output_dir=")]
+        _install(options["kill"], output_dir[-1] if output_dir else None)
     from absl import app
 
     from fqat_tf import train
 
-    sys.argv = ["fqat_tf.train"] + sys.argv[3:]
+    sys.argv = ["fqat_tf.train"] + train_argv
     app.run(train.main, flags_parser=train.parse_flags)
 
 
