@@ -63,9 +63,12 @@ def _install(point, output_dir):
 
         def evaluate_then_die(model, streams, verbose=0):
             record = evaluate(model, streams, verbose=verbose)
-            stage = sys._getframe(1).f_locals.get("self")
-            if isinstance(stage, trainer._Stage) and stage.is_q and \
-                    int(stage.state["step"].numpy()) == n:
+            frame = sys._getframe(1)
+            while frame is not None and not isinstance(frame.f_locals.get("self"),
+                                                       trainer._Stage):
+                frame = frame.f_back
+            stage = frame.f_locals["self"] if frame is not None else None
+            if stage is not None and stage.is_q and int(stage.state["step"].numpy()) == n:
                 _die()
             return record
 
