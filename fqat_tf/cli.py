@@ -84,6 +84,16 @@ def configure_logging(verbosity=DEFAULT_VERBOSITY):
     for name in ("tensorflow", "absl", "keras"):
         logging.getLogger(name).setLevel(noisy)
     logging.getLogger("fqat_tf").setLevel(level)
+    if verbosity != "debug":
+        absl_logging.get_absl_handler().setFormatter(_PlainFormatter())
+
+
+class _PlainFormatter(logging.Formatter):
+    """Messages as a person reads them: INFO lines bare, others behind their level."""
+
+    def format(self, record):
+        text = record.getMessage()
+        return text if record.levelno == logging.INFO else f"{record.levelname}: {text}"
 
 
 def verbosity_name(level):

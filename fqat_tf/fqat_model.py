@@ -25,20 +25,6 @@ class _Variables:
 
     def __init__(self, theta, scales):
         self.theta, self.scales = list(theta), list(scales)
-        self.held_slots = []
-
-
-def _aligned_slots(optimizer, variables):
-    """Optimizer slot lists aligned one-to-one with `variables` (Adam: momenta, velocities)."""
-    slots, seen = [], set()
-    for value in vars(optimizer).values():
-        if (isinstance(value, (list, tuple)) and len(value) == len(variables) and variables
-                and id(value) not in seen
-                and all(isinstance(s, keras.Variable) and s is not v
-                        and tuple(s.shape) == tuple(v.shape) for s, v in zip(value, variables))):
-            seen.add(id(value))
-            slots.append(list(value))
-    return slots
 
 
 def _all_finite(loss, *grad_lists):
@@ -68,6 +54,7 @@ def _run_if(pred, true_fn, false_fn, args):
     tf.distribute.get_replica_context().merge_call(merge_fn, args=(pred,) + tuple(args))
 
 
+@keras.saving.register_keras_serializable(package="fqat_tf")
 class FQATModel(keras.Model):
     """A quantized model trained by one of `methods.METHODS` (default: FQAT).
 
@@ -194,8 +181,47 @@ class FQATModel(keras.Model):
         self.optimizer.build(self._vars.theta)
         if scale_optimizer is not None:
             scale_optimizer.build(self._vars.scales)
-        self._vars.held_slots = (_aligned_slots(self.scale_optimizer, self._vars.scales)
-                                 if self.method.hold_frozen else [])
+
+    def get_config(self):
+        """The trainer's settings and its wrapped model (a `.keras` file holds both)."""
+        config = {"qmodel": keras.saving.serialize_keras_object(self.qmodel),
+                  "method": self.method.name, "rho": self.rho, "alpha": self.alpha,
+                  "freeze_interval": self.freeze_interval, "freeze_bn": self.freeze_bn,
+                  "record_signs": self.record_signs, "weight_decay": self.weight_decay,
+                  "track_scale_gradients": self.scale_gradient_sums is not None,
+                  "name": self.name}
+        default = [id(v) for v in quantize.scale_variables(self.qmodel)]
+        if [id(v) for v in self._vars.scales] != default:
+            config["scale_paths"] = [v.path for v in self._vars.scales]
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        qmodel = keras.saving.deserialize_keras_object(config.pop("qmodel"),
+                                                       custom_objects=custom_objects)
+        paths = config.pop("scale_paths", None)
+        if paths is not None:
+            by_path = {v.path: v for v in qmodel.trainable_variables}
+            missing = [p for p in paths if p not in by_path]
+            if missing:
+                raise ValueError(f"FQATModel config names scale variables {missing} that "
+                                 f"{qmodel.name!r} does not have")
+            config["scale_vars"] = [by_path[p] for p in paths]
+        return cls(qmodel, **config)
+
+    def get_compile_config(self):
+        """Keras's compile config and the scale optimizer's."""
+        config = super().get_compile_config()
+        if config and self.scale_optimizer is not None:
+            config["scale_optimizer"] = keras.saving.serialize_keras_object(
+                self.scale_optimizer)
+        return config
+
+    def compile_from_config(self, config):
+        """Compiles as `compile` does (both optimizers built on their own variables), so a
+        loaded `.keras` file restores both optimizers' state."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     def train_step(self, data):
         """One step of the method, in Keras's order: passes and loss, apply, metrics.
@@ -246,10 +272,8 @@ class FQATModel(keras.Model):
         """[3, n]: per scale, the sum of g_va, of g_flat and of the gradient that moves it."""
         if self.scale_gradient_sums is None:
             return None
-        applied = distribute.all_reduce_sum(scale_grads)
-        if self.method.hold_frozen:
-            frozen = tf.equal(tf.convert_to_tensor(self.freeze_state.masks), 0.0)
-            applied = [tf.where(frozen[i], tf.zeros_like(a), a) for i, a in enumerate(applied)]
+        applied = self.method.applied_gradients(distribute.all_reduce_sum(scale_grads),
+                                                tf.convert_to_tensor(self.freeze_state.masks))
         return tf.stack([tf.stack([tf.reduce_sum(tf.cast(t, tf.float32)) for t in part])
                          for part in (grads.g_va, grads.g_flat, applied)])
 
@@ -262,19 +286,9 @@ class FQATModel(keras.Model):
             grads = [g + tf.cast(share, g.dtype) * tf.cast(v, g.dtype) for g, (_, v) in
                      zip(grads, pairs)]
         self.optimizer.apply(grads, [v for _, v in pairs])
-        scales = self._vars.scales
-        if scales:
-            held = scales + [s for slots in self._vars.held_slots for s in slots]
-            if self.method.hold_frozen:
-                before = distribute.read_copies(held)
-                frozen = tf.equal(tf.convert_to_tensor(self.freeze_state.masks), 0.0)
-            self.scale_optimizer.apply(scale_grads, scales)
-            if self.method.hold_frozen:
-                n = len(scales)
-                keep = [frozen[i % n] for i in range(len(held))]
-                after = distribute.read_copies(held)
-                distribute.replica_update(held, lambda v, k, b, a: v.assign(tf.where(k, b, a)),
-                                          keep, before, after)
+        if self._vars.scales:
+            self.method.update_scales(self.scale_optimizer, self._vars.scales, scale_grads,
+                                      tf.convert_to_tensor(self.freeze_state.masks))
         if stats is not None:
             distribute.replica_update([self.scale_gradient_sums], lambda v, d: v.assign_add(d),
                                       [stats])

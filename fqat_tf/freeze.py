@@ -38,33 +38,6 @@ def gradient_disorder(signs) -> float:
     return float(np.mean(signs[1:] != signs[:-1]))
 
 
-# Mask rules: (disorders, threshold r, current masks) -> new masks; 1 = g_va flows. They run
-# inside the compiled step on tensors, and on numpy arrays in tests and analyses.
-def _as_float(flags):
-    return tf.cast(flags, tf.float32) if tf.is_tensor(flags) else np.asarray(flags, np.float32)
-
-
-def _array(values):
-    return values if tf.is_tensor(values) else np.asarray(values)
-
-
-def fqat_rule(disorder, threshold, masks):
-    """FQAT (Algorithm 1): freeze g_va where the disorder is below r, unfreeze elsewhere."""
-    del masks
-    return _as_float(_array(disorder) >= threshold)
-
-
-def reverse_rule(disorder, threshold, masks):
-    """Ablation `reverse`: freeze where the disorder is above r."""
-    del masks
-    return _as_float(_array(disorder) <= threshold)
-
-
-def no_unfreeze_rule(disorder, threshold, masks):
-    """Ablation `no_unfreeze`: as FQAT, but a frozen scale stays frozen to the end."""
-    return _array(masks) * _as_float(_array(disorder) >= threshold)
-
-
 # TensorBoard's scalar plugin metadata, written by core TF so the `tensorboard` package (which
 # `tf.summary.scalar` needs) is not required.
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(

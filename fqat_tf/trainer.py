@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from fqat_tf import calibration, checkpoints, data, defaults, methods, models, rundir, runtime
+from fqat_tf.progress import Progress
 from fqat_tf.ewgs import EWGSDeltaCallback
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback
@@ -334,12 +335,20 @@ class _Stage:
         return keras.callbacks.CallbackList(cbs, model=self.fq)
 
     def _decision_rows(self, seen):
+        """disorder.csv rows and TensorBoard scalars of the decisions taken since `seen`."""
         for record in self.freeze_cb.records[seen:]:
-            for name, d in record["disorder"].items():
-                flat = record["flat_disorder"].get(name)
-                self.files.rows[rundir.DISORDER_CSV].append(
-                    [record["step"], name, f"{d:.6f}", "" if flat is None else f"{flat:.6f}",
-                     int(record["mask"][name])])
+            with self.writer.as_default(step=record["step"]):
+                for name, d in record["disorder"].items():
+                    flat = record["flat_disorder"].get(name)
+                    self.files.rows[rundir.DISORDER_CSV].append(
+                        [record["step"], name, f"{d:.6f}", "" if flat is None else f"{flat:.6f}",
+                         int(record["mask"][name])])
+                    tf.summary.scalar(f"disorder/{name}", d)
+                    tf.summary.scalar(f"mask/{name}", record["mask"][name])
+                    if flat is not None:
+                        tf.summary.scalar(f"flat_disorder/{name}", flat)
+                tf.summary.scalar("frozen_fraction",
+                                  1.0 - float(np.mean(list(record["mask"].values()))))
         return len(self.freeze_cb.records)
 
     def _gradient_rows(self, n):
@@ -362,8 +371,9 @@ class _Stage:
     def _warn(self, reason, n):
         if reason and self.chief and not self.warned:
             self.warned = True
-            print(f"\nWARNING: step {n}: the run looks diverged: {reason}", flush=True)
-            log.warning("%s: diverged at step %d: %s", self.run_dir, n, reason)
+            # On the progress output whatever --verbose says: it decides whether the run
+            # is worth its remaining steps.
+            print(f"WARNING: step {n}: the run looks diverged: {reason}", flush=True)
 
     def _window_end(self, n, logs):
         """Evaluation, model selection, divergence check and checkpoint at step n."""
@@ -375,6 +385,8 @@ class _Stage:
         with self.writer.as_default(step=n):
             for k, v in logs.items():
                 tf.summary.scalar(f"train/{k}", v)
+            for v in self.fq.scale_variables:
+                tf.summary.scalar(f"scale/{v.path}", float(np.mean(v.numpy())))
         self.fq.reset_metrics()
         # Evaluation changes nothing the training depends on: only the chief, who writes the
         # records and the selected model, evaluates.
@@ -389,8 +401,8 @@ class _Stage:
             if record["val_avg"] > self.best:
                 self.best = record["val_avg"]
                 _save_model(self.fq.qmodel, self.run_dir)
-            if s["verbose"]:
-                print(f"\nstep {n}: val {record['val_avg']:.4f} test {record['test_avg']:.4f}")
+            self.progress.message(f"step {n}: val {record['val_avg']:.4f} "
+                                  f"test {record['test_avg']:.4f}")
         self._warn(self._divergence(), n)
         st["wall_time_s"].assign(self.wall_before + time.time() - self.started)
         if self.chief:
@@ -411,11 +423,10 @@ class _Stage:
                        if self.chief else tf.summary.create_noop_writer())
         train_fn = fq.make_train_function()
         self.best = max((r["val_avg"] for r in self.files.records), default=-1.0)
-        keys = ["loss", "accuracy", "frozen"]
-        progbar = keras.utils.Progbar(total, verbose=s["verbose"] if self.chief else 0,
-                                      stateful_metrics=keys)
+        self.progress = Progress(total, verbose=s["verbose"] if self.chief else 0,
+                                 num_scales=len(fq.scale_variables) if self.is_q else None,
+                                 every=s["eval_every"])
         n = int(st["step"].numpy())
-        progbar.update(n)
         callbacks.on_train_begin()
         seen = len(self.freeze_cb.records) if self.is_q else 0
         while n < total:
@@ -427,8 +438,8 @@ class _Stage:
                 seen = self._decision_rows(seen)
                 if n % self.gradient_window == 0 or n == total:
                     self._gradient_rows(n)
-            logs = {k: float(np.asarray(v)) for k, v in logs.items()}
-            progbar.update(n, values=list(logs.items()))
+            logs = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in logs.items()}
+            self.progress.update(n, logs)
             if n % s["eval_every"] == 0 or n == total:
                 self._window_end(n, logs)
         callbacks.on_train_end()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fqat_tf import freeze
+from fqat_tf import freeze, methods
 from fqat_tf.fqat_model import FQATModel
 from test_sagm import split, toy_quant_model
 
@@ -56,7 +56,7 @@ def _reference_masks(g_va):
         if len(window) == K:
             disorder = np.array([freeze.gradient_disorder(np.array(window)[:, i])
                                  for i in range(g_va.shape[1])])
-            masks = freeze.fqat_rule(disorder, THRESHOLD, masks)
+            masks = methods.fqat_rule(disorder, THRESHOLD, masks)
             window = []
         history.append(masks.copy())
     return np.array(history)
