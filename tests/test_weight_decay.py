@@ -3,11 +3,12 @@ the weights, never on the perturbation or the scales (docs/algorithm.md §2)."""
 import keras
 import numpy as np
 import pytest
-import torch
 
 from fqat_tf import trainer
 from fqat_tf.fqat_model import FQATModel
 from test_sagm import _np_sagm, smooth_model, split
+
+torch = pytest.importorskip("torch", reason="the reference is torch.optim.Adam")
 
 X = np.random.RandomState(3).randn(8, 4).astype("float32")
 Y = np.random.RandomState(4).randint(0, 3, 8)
