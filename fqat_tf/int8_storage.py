@@ -7,8 +7,9 @@ alone (a residual branch before its sum, a block output also read by the identit
 the pooled features, the logits, GroupNorm's statistics). At 3 and 4 bits a model is sensitive
 enough that this storage alone changes several percent of its predictions. Training with the
 storage simulated (as tfmot's 8-bit scheme does for every tensor) makes the Keras model the
-integer model up to rounding ties: `export.storage.int8_storage_model` inserts the layers of
-this module where `export.graph` would store a tensor on a range of its own.
+integer model up to rounding ties: `fqat_tf.storage.int8_storage_model` inserts the layers of
+this module where the model's `fqat_tf.storage.StoragePlan` stores a tensor on a range of its
+own.
 
 * `RangeQuantize`: 8-bit fake quantization on a `[min, max]` range, the moving average of the
   batch extremes in training (tfmot's `MovingAverageQuantizer`), fixed at inference; set first
