@@ -10,17 +10,25 @@ import tensorflow as tf
 
 from export import fold
 from fqat_tf import int8_storage
+from fqat_tf.storage import Fixed, Range, Spec
+
+
+def as_4d(x):
+    """`x` as an NHWC tensor (a `[batch, channels]` one as `[batch, 1, 1, channels]`), and the
+    function that restores its shape."""
+    shape = x.shape
+    if len(shape) == 4:
+        return x, lambda y: y
+    return (tf.reshape(x, [-1, 1, 1, int(shape[-1])]),
+            lambda y: tf.reshape(y, [-1] + [int(d) for d in shape[1:]]))
 
 
 def _unit_depthwise(x):
     """`x` through a 1x1 depthwise convolution with weights 1 (int8 127, scale 1/127)."""
-    shape = x.shape
-    channels = int(shape[-1])
-    y = x if len(shape) == 4 else tf.reshape(x, [-1, 1, 1, channels])
+    y, restore = as_4d(x)
     ones = tf.quantization.fake_quant_with_min_max_args(
-        tf.ones([1, 1, channels, 1]), -1.0, 1.0, num_bits=8, narrow_range=True)
-    y = tf.nn.depthwise_conv2d(y, ones, [1, 1, 1, 1], "VALID")
-    return y if len(shape) == 4 else tf.reshape(y, [-1] + [int(d) for d in shape[1:]])
+        tf.ones([1, 1, int(x.shape[-1]), 1]), -1.0, 1.0, num_bits=8, narrow_range=True)
+    return restore(tf.nn.depthwise_conv2d(y, ones, [1, 1, 1, 1], "VALID"))
 
 
 class Emitter:
@@ -62,7 +70,14 @@ class Emitter:
             x = tf.maximum(x, spec.lo * s)
         if requantize:
             x = _unit_depthwise(x)
-        return tf.quantization.fake_quant_with_min_max_args(x, lo8 * s, hi8 * s, num_bits=8)
+        return tf.quantization.fake_quant_with_min_max_args(x, *self.spec_range(spec),
+                                                            num_bits=8)
+
+    @staticmethod
+    def spec_range(spec):
+        """The FakeQuant `(min, max)` of the int8 tensor that holds a learned grid."""
+        lo8, hi8 = (-128, 127) if spec.lo < 0 else (0, 255)
+        return lo8 * spec.step, hi8 * spec.step
 
     def range(self, layer_name, part, x, clip=None):
         """An 8-bit range fake-quant on a tensor the Keras model keeps float.
@@ -89,13 +104,52 @@ class Emitter:
         lo, hi = self.ranges[name]
         return tf.quantization.fake_quant_with_min_max_args(x, lo, hi, num_bits=8)
 
-    def materialize(self, key, y, rep, spec, on_grid=False):
-        """`y` with the fake-quant its representation `rep` calls for (`ExportGraph.rep`)."""
-        if rep == "spec":
-            return self.spec(y, spec, on_grid=on_grid)
-        if rep == "range":
-            return self.range(key, None, y)
-        return y
+    def grid(self, x, grid, on_grid=False):
+        """`x` on `grid` (a `fqat_tf.storage` `Spec`, `Range` or `Fixed`; None: unchanged).
+
+        `on_grid`: `x` holds values of this grid already (after a passthrough layer).
+        """
+        if isinstance(grid, Spec):
+            return self.spec(x, grid, on_grid=on_grid)
+        if isinstance(grid, Range):
+            return self.range(grid.name, None, x)
+        if isinstance(grid, Fixed):
+            return self.fixed(x, grid)
+        return x
+
+    def fixed(self, x, grid):
+        """A grid a TFLite kernel fixes (a `Fixed`). The Keras model is on it already where
+        it quantizes the tensor itself, and float where it does not, so only "int8" adds it."""
+        if self.mode != "int8":
+            return x
+        return tf.quantization.fake_quant_with_min_max_args(x, grid.lo, grid.hi, num_bits=8)
+
+    def stored_input(self, name, x, carried):
+        """`x` on range `name`, the range a layer keeps its input on (a storage layer's trained
+        one, or observed like any range tensor's).
+
+        `carried`: the `(min, max)` of the 8-bit grid `x` is on already in "int8" mode, or
+        None. The same grid needs nothing; another one is requantized first, as `spec` does.
+        """
+        if self.mode == "float" or (self.mode == "observe" and name not in self.stored):
+            return self.range(name, None, x)
+        lo, hi = self.stored[name] if self.mode == "observe" else self.ranges[name]
+        if self.mode == "int8" and carried is not None:
+            if np.allclose(carried, (lo, hi), rtol=0.0, atol=0.0):
+                return x
+            x = _unit_depthwise(x)
+        return tf.quantization.fake_quant_with_min_max_args(x, lo, hi, num_bits=8)
+
+    def affine_kernel(self, f):
+        """A depthwise `[1, 1, channels, 1]` kernel multiplying channel c by `f[c]`, in "int8"
+        mode on its per-channel int8 grid (scale `|f| / 127`: the weights are exact)."""
+        f = np.asarray(f, np.float32)
+        k = tf.constant(f.reshape(1, 1, 1, -1))
+        if self.mode == "int8":
+            limit = np.maximum(np.abs(f), np.float32(int8_storage.MIN_WEIGHT_SCALE))
+            k = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                k, -limit, limit, num_bits=8, narrow_range=True)
+        return tf.reshape(k, [1, 1, -1, 1])
 
     def kernel(self, w):
         """The layer's kernel constant, fake-quantized per channel (or per tensor) in int8."""

@@ -32,7 +32,8 @@ from export.emitter import Emitter
 from fqat_tf import int8_storage
 from fqat_tf.quantize import QuantizeWrapper
 from fqat_tf.storage import kinds
-from fqat_tf.storage.plan import INPUT_KEY, Spec, StoragePlan, UnsupportedLayerError
+from fqat_tf.storage.plan import (INPUT_KEY, Fixed, Range, Spec, StoragePlan,
+                                  UnsupportedLayerError)
 
 MODES = ("observe", "int8", "float")
 __all__ = ["ExportGraph", "INPUT_KEY", "MODES", "Spec", "UnsupportedLayerError", "Weights",
@@ -86,7 +87,8 @@ class ExportGraph:
         self.rep = self.plan.rep
         self._fold_into = self.plan.folds
         # Read once, eagerly: the weights and constants are constants of the exported graph.
-        self._constants = {n.layer.name: emit.constants(n.layer) for n in self.plan.nodes}
+        self._constants = {n.layer.name: emit.constants(n.layer, n.input_shapes)
+                           for n in self.plan.nodes}
         self.weights = {n.layer.name: self._prepare_weights(n) for n in self.plan.nodes
                         if kinds.is_weighted(n.layer)}
         self.stored_ranges = self._read_stored_ranges()
@@ -203,8 +205,7 @@ class ExportGraph:
         ranges = {}
         for node in self.plan.nodes:
             layer = node.layer
-            if not isinstance(layer, (int8_storage.RangeQuantize,
-                                      int8_storage.Int8GroupNormalization)):
+            if not isinstance(layer, int8_storage.StorageLayerMixin):
                 continue
             stored = layer.stored_ranges
             if not stored:
@@ -233,24 +234,35 @@ class ExportGraph:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         plan = self.plan
         em = Emitter(mode, ranges, self.stored_ranges)
-        values = {INPUT_KEY: em.materialize(INPUT_KEY, x, self.rep[INPUT_KEY],
-                                            plan.spec_for(INPUT_KEY))}
+        values = {INPUT_KEY: em.grid(x, plan.grid(INPUT_KEY))}
         for node in plan.nodes:
+            layer, key = node.layer, node.inputs[0]
             inputs = [values[k] for k in node.inputs]
-            spec = plan.input_spec(node.layer)
-            if spec is not None and plan.applied(node.inputs[0]) != spec:
+            spec = plan.input_spec(layer)
+            if spec is not None and plan.applied(key) != spec:
                 inputs[0] = em.spec(inputs[0], spec, requantize=True)
+            if plan.stores_input(layer) and not isinstance(layer, int8_storage.RangeQuantize):
+                inputs[0] = em.stored_input(f"{layer.name}/input", inputs[0],
+                                            self._carried(key, ranges))
             y = self._emit(node, inputs, em)
-            key, rep, out_spec = node.output, self.rep[node.output], plan.spec_for(node.output)
-            if rep == "inherit":
-                # The input's fake-quant once more, explicitly: left to itself the converter
-                # may give the output a reader's scale, which TFLite cannot run.
-                key, out_spec = plan.inherit_source(key), plan.applied(node.output)
-                rep = "range" if out_spec is None else "spec"
-            values[node.output] = em.materialize(key, y, rep, out_spec,
-                                                 on_grid=self.rep[node.output] == "inherit")
+            rep = self.rep[node.output]
+            # An inherited grid is put on once more, explicitly: left to itself the converter
+            # may give the output a reader's scale, which TFLite cannot run.
+            values[node.output] = (y if rep == "none" else
+                                   em.grid(y, plan.grid(node.output), on_grid=rep == "inherit"))
         out = values[plan.output_key]
         return (out, em.observed) if mode == "observe" else out
+
+    def _carried(self, key, ranges):
+        """The `(min, max)` of the 8-bit grid tensor `key` is on in "int8" mode, or None."""
+        grid = self.plan.grid(key)
+        if isinstance(grid, Range):
+            return None if ranges is None else tuple(ranges[grid.name])
+        if isinstance(grid, Fixed):
+            return (grid.lo, grid.hi)
+        if isinstance(grid, Spec):
+            return Emitter.spec_range(grid)
+        return None
 
     def _emit(self, node, inputs, em):
         layer = node.layer

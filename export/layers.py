@@ -10,20 +10,34 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import int8_storage
+from export.emitter import as_4d
+from fqat_tf import activations, int8_activations, int8_storage
+from fqat_tf.storage import Fixed, kinds
 from fqat_tf.storage.kinds import activation_name, inner_layer
 
 
 def _activate(layer, y):
-    return tf.nn.relu(y) if activation_name(layer) == "relu" else y
+    name = activation_name(layer)
+    return tf.nn.relu(y) if name == "relu" else tf.nn.relu6(y) if name == "relu6" else y
 
 
-def constants(layer):
+def constants(layer, input_shapes):
     """Float parameters an emitter needs, read eagerly (they become graph constants)."""
     if isinstance(layer, keras.layers.GroupNormalization):
         return {name: keras.ops.convert_to_numpy(v).astype(np.float64)
                 for name, v in (("gamma", layer.gamma), ("beta", layer.beta)) if v is not None}
+    if kinds.is_affine(layer):
+        inner = layer.layer if isinstance(layer, int8_activations.Int8Affine) else layer
+        affine = int8_activations.affine_parameters(inner, int(input_shapes[0][-1]))
+        return dict(zip(("f", "offset"), (keras.ops.convert_to_numpy(v) for v in affine)))
     return {}
+
+
+def _multiply_add(x, em, f, offset):
+    """`x * f + offset` per channel as one depthwise conv (int8 weights, int32 bias)."""
+    y, restore = as_4d(x)
+    y = tf.nn.depthwise_conv2d(y, em.affine_kernel(f), [1, 1, 1, 1], "VALID")
+    return restore(y + tf.constant(np.asarray(offset, np.float32)))
 
 
 def weighted(layer, inputs, em, weights):
@@ -49,14 +63,49 @@ def weighted(layer, inputs, em, weights):
     return _activate(layer, y)
 
 
-def relu(layer, inputs, em, consts):
-    y = tf.nn.relu(inputs[0])
-    max_value = getattr(layer, "max_value", None)
-    return y if max_value is None else tf.minimum(y, float(max_value))
-
-
 def activation(layer, inputs, em, consts):
-    return _activate(layer, inputs[0])
+    """An Activation, ReLU or `Int8Activation` layer, its input quantized already.
+
+    Observe mode runs the Keras layer (an `Int8Activation` computes TFLite's integers there);
+    the other modes emit the ops the converter turns into the TFLite kernel. The graph puts
+    the output on its grid.
+    """
+    x = inputs[0]
+    act = kinds.activation_of(layer)
+    if act is None:         # a ReLU capped at another value than 6
+        return tf.minimum(tf.nn.relu(x), float(layer.max_value))
+    if act.fused:
+        return {"linear": x, "relu": tf.nn.relu(x), "relu6": tf.nn.relu6(x)}[act.name]
+    if em.mode == "observe":
+        return layer(x, training=False)
+    if act.name == "hard_sigmoid":
+        f, offset = int8_activations.HARD_SIGMOID_AFFINE
+        if em.mode == "float":
+            return tf.nn.relu6(x + 3.0) * f
+        channels = int(x.shape[-1])
+        return _multiply_add(x, em, np.full(channels, f), np.full(channels, offset))
+    if act.name == "hard_silu":
+        # The pattern the converter turns into HARD_SWISH.
+        return x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0)
+    if act.name == "silu":
+        # LOGISTIC on its fixed grid, then MUL.
+        return x * em.fixed(tf.sigmoid(x), Fixed(*activations.get("sigmoid").output_range))
+    return {"sigmoid": tf.sigmoid, "tanh": tf.tanh,
+            "softmax": lambda v: tf.nn.softmax(v, axis=-1)}[act.name](x)
+
+
+def affine(layer, inputs, em, consts):
+    """A BatchNormalization (not folded), Rescaling or Normalization, or its `Int8Affine`:
+    a depthwise multiply-add in the integer model (`int8_activations.int8_affine`)."""
+    if em.mode == "observe":
+        return layer(inputs[0], training=False)
+    if em.mode == "float":
+        return inputs[0] * consts["f"] + consts["offset"]
+    return _multiply_add(inputs[0], em, consts["f"], consts["offset"])
+
+
+def multiply(layer, inputs, em, consts):
+    return inputs[0] * inputs[1]
 
 
 def add(layer, inputs, em, consts):
@@ -114,9 +163,12 @@ def group_normalization(layer, inputs, em, consts):
 
 
 EMITTERS = (
-    (keras.layers.ReLU, relu),
+    (keras.layers.ReLU, activation),
     (keras.layers.Activation, activation),
+    (int8_activations.Int8Activation, activation),
+    (kinds.AFFINE_TYPES + (int8_activations.Int8Affine,), affine),
     (keras.layers.Add, add),
+    (keras.layers.Multiply, multiply),
     (keras.layers.Concatenate, concatenate),
     (keras.layers.ZeroPadding2D, zero_padding),
     (keras.layers.MaxPooling2D, max_pooling),

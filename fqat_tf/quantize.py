@@ -1,11 +1,15 @@
 """`quantize_model`: wrap every conv and dense of a Keras 3 model in a `QuantizeWrapper`.
 
-The default policy (ALGORITHM.md §1): the first conv quantizes only its input (signed), the last
-Dense (the classifier) stays float, every other Conv2D / DepthwiseConv2D / Dense quantizes its
-kernel (signed) and its input. An input is quantized unsigned only where the graph proves it is
-non-negative (it comes from a ReLU, possibly through pooling, padding or an add of such
-tensors); otherwise it is signed, so GroupNorm outputs or normalised images are never clipped at
-zero.
+The default policy (ALGORITHM.md §1): the first conv quantizes only its input (signed), the
+classifier stays float, every other Conv2D / DepthwiseConv2D / Dense quantizes its kernel
+(signed) and its input. The classifier is the last Dense, or in a network without one the conv
+that makes the logits (its output reaches the model output through reshapes and activations
+only, as in MobileNetV3). An input is quantized unsigned only where the graph proves it is
+non-negative (it comes from a ReLU, ReLU6, sigmoid, hard-sigmoid or softmax, possibly through
+pooling, padding or an add or product of such tensors; `fqat_tf.activations` holds the
+bounds); otherwise it is signed, so GroupNorm outputs, hard-swish outputs or normalised images
+are never clipped at zero. The model is first flattened (`fqat_tf.flatten`): nested models
+inlined, activations TFLite cannot fuse moved out of convs into layers of their own.
 """
 import logging
 import re
@@ -13,8 +17,10 @@ import re
 import keras
 import numpy as np
 
+from fqat_tf import activations
 from fqat_tf import defaults
 from fqat_tf import int8_storage
+from fqat_tf.flatten import flatten_model
 from fqat_tf import quant_ops
 from fqat_tf import quantize_configs as qc
 
@@ -22,7 +28,6 @@ log = logging.getLogger(__name__)
 
 QUANTIZABLE_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 _CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-_NONNEG_ACTIVATIONS = ("relu", "relu6", "sigmoid", "softmax")
 _PASSTHROUGH_TYPES = (
     keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape,
@@ -30,6 +35,8 @@ _PASSTHROUGH_TYPES = (
     keras.layers.UpSampling2D, keras.layers.Identity)
 _ALL_INPUTS_TYPES = (keras.layers.Add, keras.layers.Concatenate, keras.layers.Maximum,
                      keras.layers.Average, keras.layers.Multiply)
+_SHAPE_TYPES = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.Dropout,
+                keras.layers.Identity, keras.layers.Activation, keras.layers.ReLU)
 
 
 @keras.saving.register_keras_serializable(package="fqat_tf")
@@ -255,17 +262,25 @@ def _is_nonnegative(tensor, _depth=0):
     layer = _producer(tensor)
     if _depth > 64 or isinstance(layer, keras.layers.InputLayer):
         return False
-    if isinstance(layer, keras.layers.ReLU):
-        return float(layer.negative_slope) == 0.0 and (layer.threshold is None
-                                                       or float(layer.threshold) >= 0.0)
-    activation = getattr(layer, "activation", None)
-    if activation is not None and getattr(activation, "__name__", "") in _NONNEG_ACTIVATIONS:
-        return True
+    bounds = activations.bounds(layer)
+    if bounds is not None and activations.of_layer(layer) != "linear":
+        return bounds[0] >= 0.0
     if isinstance(layer, _PASSTHROUGH_TYPES):
         return _is_nonnegative(_input_tensors(layer)[0], _depth + 1)
     if isinstance(layer, _ALL_INPUTS_TYPES):
         return all(_is_nonnegative(t, _depth + 1) for t in _input_tensors(layer))
     return False
+
+
+def _logits_conv(model):
+    """The conv whose output reaches the model output through reshapes and activations only,
+    or None."""
+    if len(model.outputs) != 1:
+        return None
+    layer = _producer(model.outputs[0])
+    while isinstance(layer, _SHAPE_TYPES):
+        layer = _producer(_input_tensors(layer)[0])
+    return layer.name if type(layer) in (keras.layers.Conv2D,) else None
 
 
 def _check_model(model):
@@ -310,7 +325,7 @@ def layer_policies(model, overrides=None):
     convs = [l for l in layers if isinstance(l, _CONV_TYPES)]
     denses = [l for l in layers if isinstance(l, keras.layers.Dense)]
     first_conv = convs[0].name if convs else None
-    classifier = denses[-1].name if denses else None
+    classifier = denses[-1].name if denses else _logits_conv(model)
     specs = {}
     for layer in layers:
         policy = ("input_only" if layer.name == first_conv else
@@ -331,7 +346,8 @@ def layer_policies(model, overrides=None):
                    if type(l) not in QUANTIZABLE_TYPES and l.weights
                    and not isinstance(l, (keras.layers.BatchNormalization,
                                           keras.layers.GroupNormalization,
-                                          keras.layers.LayerNormalization))]
+                                          keras.layers.LayerNormalization,
+                                          keras.layers.Normalization))]
     return specs, unsupported
 
 
@@ -369,9 +385,11 @@ def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QU
       quantizer_kwargs: extra quantizer arguments, e.g. `{"delta": 1e-3}` for EWGS.
 
     Returns:
-      A new Keras model with the same layer names, weights copied, steps initialised data-free.
+      A new Keras model with the same layer names (and the activations `fqat_tf.flatten`
+      moves into layers of their own), weights copied, steps initialised data-free.
     """
     _check_model(model)
+    model = flatten_model(model)
     quant_ops.check_bits(weight_bits, "weight_bits")
     quant_ops.check_bits(activation_bits, "activation_bits")
     if act_grad_count not in ("per_example", "per_batch"):

@@ -10,21 +10,25 @@ Every tensor gets exactly one representation:
 * "range": the Keras model keeps it float (a BatchNorm-ed residual branch, a sum, the pooled
   features, the logits, a GroupNorm intermediate), or readers disagree; it is stored on an 8-bit
   range of its own. A learned quantizer reading it then requantizes it.
-* "none": a conv or sum whose only reader is a ReLU (TFLite fuses the two; the ReLU's output
-  carries the quantization), a conv whose BatchNorm is folded into it, or a tensor every reader
-  of which stores it itself (`fqat_tf.RangeQuantize`).
+* "fixed": the output of an activation whose int8 kernel fixes its grid (sigmoid, softmax,
+  tanh, hard-sigmoid; `fqat_tf.activations`).
+* "stored": an int8 storage layer put its output on its grid itself (an `Int8Activation`).
+* "none": a conv, sum or affine whose only reader is a ReLU or ReLU6 (TFLite fuses the two; the
+  activation's output carries the quantization), a conv whose BatchNorm is folded into it, or
+  a tensor every reader of which stores it on a range of its own (`fqat_tf.RangeQuantize`,
+  `fqat_tf.int8_activations` layers), or quantizes it with its own output (a concatenation).
 * "inherit": the output of padding, max pooling or a reshape carries its input's grid again
   (TFLite runs these with one scale on both sides).
 
 A tensor read by several different quantizers (a residual block's input) gets a range and each
 reader requantizes it. A BatchNormalization directly after a linear convolution (its only
-reader) folds into it.
+reader) folds into it; any other is a per-channel affine.
 """
 import dataclasses
 
 import keras
 
-from fqat_tf import int8_storage
+from fqat_tf import int8_activations, int8_storage
 from fqat_tf.errors import UserError
 from fqat_tf.quantize import QuantizeWrapper
 from fqat_tf.storage import kinds
@@ -36,6 +40,9 @@ class UnsupportedLayerError(UserError):
     """A layer the integer model cannot keep integer."""
 
 
+STORED = "stored"          # the use of a reader that stores the tensor on its own range
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A learned quantizer: `step * round(clip(x / step, lo, hi))`."""
@@ -43,6 +50,22 @@ class Spec:
     step: float
     lo: int
     hi: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """An 8-bit range of its own, by name: a tensor key, or "layer/part" for a range a storage
+    layer keeps (its input, its output, a GroupNorm intermediate)."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """An 8-bit grid fixed by the kernel that makes the tensor: FakeQuant `[lo, hi]`."""
+
+    lo: float
+    hi: float
 
 
 @dataclasses.dataclass
@@ -132,6 +155,11 @@ class StoragePlan:
         """The `Node`s that read tensor `key`."""
         return [n for n in self._nodes if key in n.inputs]
 
+    def stores_input(self, layer):
+        """`layer` keeps its input on an 8-bit range of its own (`kinds.stores_input`), named
+        "<layer>/input" unless it is a `RangeQuantize` (its range is its output's)."""
+        return kinds.stores_input(layer) and layer not in self._fold_into.values()
+
     def input_spec(self, layer):
         """The learned quantizer of `layer`'s input (a `Spec`), or None."""
         return self._input_specs[layer.name]
@@ -144,6 +172,22 @@ class StoragePlan:
         """The one learned quantizer all readers of `key` apply, or None."""
         uses = self._uses[key]
         return uses[0] if uses and uses[0] is not None and len(set(uses)) == 1 else None
+
+    def grid(self, key):
+        """The grid tensor `key` is stored on: a `Spec`, a `Range`, a `Fixed`, or None where
+        it is not quantized itself ("none": a reader or a fused op carries it)."""
+        key = self.inherit_source(key)
+        rep = self.rep[key]
+        if rep == "spec":
+            return self.spec_for(key)
+        if rep == "range":
+            return Range(key)
+        layer = self.producer(key).layer if rep in ("fixed", "stored") else None
+        if rep == "stored" and kinds.owns_output_range(layer):
+            return Range(f"{layer.name}/output")
+        if rep in ("fixed", "stored"):
+            return Fixed(*kinds.fixed_output_range(layer))
+        return None
 
     def inherit_source(self, key):
         """The tensor a chain of passthrough layers starts from."""
@@ -209,23 +253,51 @@ class StoragePlan:
                 if isinstance(n.layer, keras.layers.BatchNormalization) and self._foldable(n)}
 
     def _collect_uses(self):
-        """For each tensor, how each reader uses it: a `Spec`, or None for a float read."""
+        """For each tensor, how each reader uses it: a `Spec`, `STORED` (the reader keeps it
+        on a range of its own, or a concatenation on its output's grid) or None (a float
+        read)."""
         uses = {INPUT_KEY: []}
         for node in self._nodes:
             uses.setdefault(node.output, [])
+            stored = (self.stores_input(node.layer)
+                      or isinstance(node.layer, keras.layers.Concatenate))
             spec = self.input_spec(node.layer)
             for i, key in enumerate(node.inputs):
-                uses[key].append(spec if i == 0 else None)
+                uses[key].append(STORED if stored else spec if i == 0 else None)
         uses[self._output_key].append(None)
         return uses
 
     def _fusable_producer(self, key):
+        """`key` comes from an op TFLite can fuse a ReLU or ReLU6 into."""
         producer = self.producer(key)
         if producer is None:
             return False
         layer = producer.layer
-        return (kinds.is_weighted(layer) or isinstance(layer, keras.layers.Add)
-                or producer.inputs[0] in self._fold_into)
+        return (kinds.is_weighted(layer) or kinds.is_affine(layer)
+                or isinstance(layer, keras.layers.Add) or producer.inputs[0] in self._fold_into)
+
+    def _representation(self, key):
+        uses = self._uses[key]
+        readers = self.consumers(key)
+        producer = self.producer(key)
+        layer = None if producer is None else producer.layer
+        if isinstance(layer, int8_storage.RangeQuantize):
+            return "range"              # on the range it trained
+        if isinstance(layer, int8_activations.Int8Activation) and (
+                kinds.fixed_output_range(layer) or kinds.owns_output_range(layer)):
+            return "stored"
+        if layer is not None and kinds.fixed_output_range(layer):
+            return "fixed"
+        if key != self._output_key and uses and all(u == STORED for u in uses):
+            return "none"               # stored by its readers
+        if key in self._fold_into:
+            return "none"
+        if len(set(uses)) == 1 and isinstance(uses[0], Spec):
+            return "spec"
+        if (key != self._output_key and len(readers) == 1
+                and kinds.is_fused_activation(readers[0].layer) and self._fusable_producer(key)):
+            return "none"
+        return "range"
 
     def _decide_representations(self):
         """Picks each tensor's representation (module docstring) and the spec it carries."""
@@ -238,25 +310,8 @@ class StoragePlan:
                 if len(self._uses[node.inputs[0]]) == 1:
                     self._uses[node.inputs[0]] = list(self._uses[node.output])
         for key in [INPUT_KEY] + [n.output for n in self._nodes]:
-            if key in rep:
-                continue
-            uses = self._uses[key]
-            readers = self.consumers(key)
-            producer = self.producer(key)
-            if producer is not None and isinstance(producer.layer, int8_storage.RangeQuantize):
-                rep[key] = "range"      # on the range it trained
-            elif (readers and key != self._output_key
-                  and all(isinstance(r.layer, int8_storage.RangeQuantize) for r in readers)):
-                rep[key] = "none"       # stored by its reader
-            elif key in self._fold_into:
-                rep[key] = "none"
-            elif len(set(uses)) == 1 and uses[0] is not None:
-                rep[key] = "spec"
-            elif (key != self._output_key and len(readers) == 1
-                  and kinds.is_plain_relu(readers[0].layer) and self._fusable_producer(key)):
-                rep[key] = "none"
-            else:
-                rep[key] = "range"
+            if key not in rep:
+                rep[key] = self._representation(key)
         applied = {INPUT_KEY: self.spec_for(INPUT_KEY) if rep[INPUT_KEY] == "spec" else None}
         for node in self._nodes:
             r = rep[node.output]

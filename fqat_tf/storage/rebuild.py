@@ -9,6 +9,9 @@
 The `StoragePlan` decides which tensors the integer model stores on a range of their own
 (representation "range"); this module puts a `fqat_tf.RangeQuantize` behind each of them,
 replaces every GroupNormalization by an `Int8GroupNormalization` (its int8 lowering, simulated),
+every activation with an int8 kernel of its own (sigmoid, softmax, tanh, hard-sigmoid,
+hard-swish, swish) by an `Int8Activation` and every other per-channel affine layer (a
+BatchNormalization that follows no conv, a Rescaling, a Normalization) by an `Int8Affine`,
 moves every BatchNorm the plan folds into its conv's wrapper (`QuantizeWrapper(batchnorm=)`,
 which rounds the folded bias as TFLite does) and rounds the kernels the recipe leaves float
 (the first conv, the classifier) onto their int8 grids and their biases onto TFLite's int32
@@ -18,8 +21,10 @@ See `fqat_tf.int8_storage` for why.
 import keras
 
 from fqat_tf import defaults
+from fqat_tf.int8_activations import Int8Activation, Int8Affine
 from fqat_tf.int8_storage import Int8GroupNormalization, RangeQuantize, storage_layers
 from fqat_tf.quantize import QuantizeWrapper
+from fqat_tf.storage import kinds
 from fqat_tf.storage.plan import INPUT_KEY, StoragePlan
 
 SUFFIX = "_int8"
@@ -34,6 +39,11 @@ def _fresh(layer, ema_decay, batchnorm=None):
         return QuantizeWrapper.from_config(config)
     if type(layer) is keras.layers.GroupNormalization:
         return Int8GroupNormalization(ema_decay=ema_decay, **config)
+    act = kinds.activation_of(layer)
+    if act is not None and (act.output_range or act.own_output or act.name == "silu"):
+        return Int8Activation(act.name, ema_decay=ema_decay, name=layer.name)
+    if isinstance(layer, kinds.AFFINE_TYPES):
+        return Int8Affine(layer.__class__.from_config(config), ema_decay=ema_decay)
     return layer.__class__.from_config(config)
 
 
@@ -41,6 +51,8 @@ def _copy_weights(old, new, batchnorm=None):
     if isinstance(new, Int8GroupNormalization):
         for target, source in zip(new.weights, old.weights):   # gamma, beta come first
             target.assign(source)
+    elif isinstance(new, Int8Affine):
+        new.layer.set_weights(old.get_weights())
     elif isinstance(new, QuantizeWrapper):
         new.layer.set_weights(old.layer.get_weights())
         for role in ("weight_variables", "input_variables"):
@@ -48,7 +60,7 @@ def _copy_weights(old, new, batchnorm=None):
                 getattr(new, role)[key].assign(v)
         if batchnorm is not None:
             new.batchnorm.set_weights(batchnorm.get_weights())
-    else:
+    elif not isinstance(new, Int8Activation):       # an activation has only its new ranges
         new.set_weights(old.get_weights())
 
 
@@ -86,16 +98,23 @@ def int8_storage_model(model, *, ema_decay=defaults.INT8_RANGE_EMA_DECAY):
     folded = {bn.name for bn in folds.values()}
     source = plan.model.inputs[0]
     x = keras.Input(shape=tuple(source.shape[1:]), name=source._keras_history.operation.name)
+    # A layer that stores its input on a range of its own reads the tensor before any
+    # RangeQuantize: both then see the same values and keep the same range.
+    raw = {INPUT_KEY: x}
     tensors = {INPUT_KEY: stored(x, INPUT_KEY) if plan.rep[INPUT_KEY] == "range" else x}
     for node in plan.nodes:
         old = node.layer
-        args = [tensors[k] for k in node.inputs]
         if old.name in folded:
-            y = args[0]
+            y = tensors[node.inputs[0]]
         else:
             bn = folds.get(old.name)
             layer = _fresh(old, ema_decay, bn)
+            source = raw if kinds.stores_input(layer) else tensors
+            args = [source[k] for k in node.inputs]
             y = layer(args[0] if len(args) == 1 else args)
             _copy_weights(old, layer, bn)
-        tensors[node.output] = stored(y, node.output) if plan.rep[node.output] == "range" else y
+        raw[node.output] = y
+        own = kinds.fixed_output_range(layer) or kinds.owns_output_range(layer)
+        needs_range = plan.rep[node.output] == "range" and not own
+        tensors[node.output] = stored(y, node.output) if needs_range else y
     return keras.Model(x, tensors[plan.output_key], name=model.name)
