@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from export import fold, layers as emit
-from export.emitter import Emitter
+from export.emitter import Emitter, Layout
 from fqat_tf import int8_storage
 from fqat_tf.quantize import QuantizeWrapper
 from fqat_tf.storage import kinds
@@ -234,22 +234,33 @@ class ExportGraph:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         plan = self.plan
         em = Emitter(mode, ranges, self.stored_ranges)
-        values = {INPUT_KEY: em.grid(x, plan.grid(INPUT_KEY))}
+        layout = (lambda key, spec, **kw: self.layout(key, spec, ranges, **kw)) if (
+            mode == "int8") else (lambda key, spec, **kw: None)
+
+        def on_grid(key, y):
+            grid = plan.grid(key)
+            rep = self.rep[key]
+            if rep == "none":
+                return y
+            # An inherited grid is put on once more, explicitly: left to itself the converter
+            # may give the output a reader's scale, which TFLite cannot run.
+            source = plan.inherit_source(key)
+            lay = layout(source, grid) if isinstance(grid, Spec) else None
+            return em.grid(y, grid, lay, on_grid=rep == "inherit")
+
+        values = {INPUT_KEY: on_grid(INPUT_KEY, x)}
         for node in plan.nodes:
             layer, key = node.layer, node.inputs[0]
             inputs = [values[k] for k in node.inputs]
             spec = plan.input_spec(layer)
             if spec is not None and plan.applied(key) != spec:
-                inputs[0] = em.spec(inputs[0], spec, requantize=True)
+                inputs[0] = em.spec(inputs[0], spec, layout(key, spec, requantized=True),
+                                    requantize=True)
             if plan.stores_input(layer) and not isinstance(layer, int8_storage.RangeQuantize):
                 inputs[0] = em.stored_input(f"{layer.name}/input", inputs[0],
                                             self._carried(key, ranges))
             y = self._emit(node, inputs, em)
-            rep = self.rep[node.output]
-            # An inherited grid is put on once more, explicitly: left to itself the converter
-            # may give the output a reader's scale, which TFLite cannot run.
-            values[node.output] = (y if rep == "none" else
-                                   em.grid(y, plan.grid(node.output), on_grid=rep == "inherit"))
+            values[node.output] = on_grid(node.output, y)
         out = values[plan.output_key]
         return (out, em.observed) if mode == "observe" else out
 
@@ -260,9 +271,36 @@ class ExportGraph:
             return None if ranges is None else tuple(ranges[grid.name])
         if isinstance(grid, Fixed):
             return (grid.lo, grid.hi)
-        if isinstance(grid, Spec):
-            return Emitter.spec_range(grid)
+        if isinstance(grid, Spec) and ranges is not None:
+            lay = self.layout(self.plan.inherit_source(key), grid, ranges)
+            return (lay.lo8 * grid.step, lay.hi8 * grid.step)
         return None
+
+    def _step(self, key, ranges):
+        """The step of the 8-bit grid tensor `key` is rounded onto (0 where it is not)."""
+        lo_hi = self._carried(key, ranges)
+        return 0.0 if lo_hi is None else (lo_hi[1] - lo_hi[0]) / 255.0
+
+    def layout(self, key, spec, ranges, requantized=False):
+        """Where learned grid `spec` sits in the int8 tensor that stores tensor `key`.
+
+        An 8-bit grid fills the int8 tensor. A narrower one sits at the top of it (the int8
+        maximum is the b-bit maximum: saturation clips there) when the graph proves the values
+        never fall below the b-bit minimum (`StoragePlan.bounds`: a ReLU output for an
+        unsigned grid, a hard-swish output above `lo * step`), so no clip op is needed at
+        all; otherwise at the bottom, with one clip op at the top. The bounds lose half a grid
+        step to each rounding on the way (`requantized`: `key`'s own grid is another one, so
+        its rounding counts too).
+        """
+        if spec.hi - spec.lo >= 255:
+            return Layout(spec.lo, spec.hi, False)
+        b = self.plan.bounds(key)
+        if b is not None:
+            rounded = [k for k in b.rounded if requantized or k != key]
+            floor = b.lo - sum(self._step(k, ranges) for k in rounded) / 2 if b.lo else 0.0
+            if floor >= spec.lo * spec.step:
+                return Layout(spec.hi - 255, spec.hi, False)
+        return Layout(spec.lo, spec.lo + 255, True)
 
     def _emit(self, node, inputs, em):
         layer = node.layer

@@ -10,7 +10,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from export.emitter import as_4d
 from fqat_tf import activations, int8_activations, int8_storage
 from fqat_tf.storage import Fixed, kinds
 from fqat_tf.storage.kinds import activation_name, inner_layer
@@ -31,6 +30,16 @@ def constants(layer, input_shapes):
         affine = int8_activations.affine_parameters(inner, int(input_shapes[0][-1]))
         return dict(zip(("f", "offset"), (keras.ops.convert_to_numpy(v) for v in affine)))
     return {}
+
+
+def as_4d(x):
+    """`x` as an NHWC tensor (a `[batch, channels]` one as `[batch, 1, 1, channels]`), and the
+    function that restores its shape."""
+    shape = x.shape
+    if len(shape) == 4:
+        return x, lambda y: y
+    return (tf.reshape(x, [-1, 1, 1, int(shape[-1])]),
+            lambda y: tf.reshape(y, [-1] + [int(d) for d in shape[1:]]))
 
 
 def _multiply_add(x, em, f, offset):

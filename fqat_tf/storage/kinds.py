@@ -55,6 +55,19 @@ def activation_of(layer):
     return None
 
 
+def output_bounds(layer):
+    """`(lo, hi)` of the output of an activation layer, or of a conv or dense with a fused
+    ReLU or ReLU6 (`(-inf, inf)` for a linear one); None for other layers."""
+    if isinstance(layer, int8_activations.Int8Activation):
+        return layer.kind.bounds
+    if isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)):
+        return activations.bounds(layer)
+    if is_weighted(layer):
+        act = activations.get(activation_name(layer))
+        return None if act is None else act.bounds
+    return None
+
+
 def is_fused_activation(layer):
     """A ReLU or ReLU6 layer that TFLite fuses into the conv, add or affine before it."""
     act = activation_of(layer)

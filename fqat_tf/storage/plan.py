@@ -25,6 +25,7 @@ reader requantizes it. A BatchNormalization directly after a linear convolution 
 reader) folds into it; any other is a per-channel affine.
 """
 import dataclasses
+import math
 
 import keras
 
@@ -34,6 +35,7 @@ from fqat_tf.quantize import QuantizeWrapper
 from fqat_tf.storage import kinds
 
 INPUT_KEY = "(input)"
+INF = math.inf
 
 
 class UnsupportedLayerError(UserError):
@@ -66,6 +68,18 @@ class Fixed:
 
     lo: float
     hi: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """What the graph proves about a tensor's values in the integer model: `lo <= x <= hi`
+    for the exact function, less half a step of the grid of each tensor in `rounded` (roundings
+    between the bounded op and this tensor; none matter for a bound of 0, which every grid
+    holds exactly)."""
+
+    lo: float
+    hi: float
+    rounded: tuple = ()
 
 
 @dataclasses.dataclass
@@ -131,6 +145,7 @@ class StoragePlan:
         self._input_specs = {n.layer.name: _input_spec(n.layer) for n in self._nodes}
         self._uses = self._collect_uses()
         self.rep, self._applied = self._decide_representations()
+        self._bounds = self._find_bounds()
 
     @property
     def nodes(self):
@@ -188,6 +203,10 @@ class StoragePlan:
         if rep in ("fixed", "stored"):
             return Fixed(*kinds.fixed_output_range(layer))
         return None
+
+    def bounds(self, key):
+        """The `Bounds` of tensor `key`, or None where the graph proves nothing."""
+        return self._bounds.get(key)
 
     def inherit_source(self, key):
         """The tensor a chain of passthrough layers starts from."""
@@ -318,3 +337,31 @@ class StoragePlan:
             applied[node.output] = (applied[node.inputs[0]] if r == "inherit" else
                                     self.spec_for(node.output) if r == "spec" else None)
         return rep, applied
+
+    def _find_bounds(self):
+        """Bounds from activations (`fqat_tf.activations`), carried through the layers that
+        keep them: shape and pooling layers, a product with a gate in [0, 1], and sums,
+        products and concatenations of non-negative tensors."""
+        bounds = {}
+        for node in self._nodes:
+            layer = node.layer
+            ins = [bounds.get(k) for k in node.inputs]
+            b = None
+            own = kinds.output_bounds(layer)
+            if own is not None:
+                lo, hi = own
+                if lo > -INF or hi < INF:
+                    b = Bounds(lo, hi, () if lo == 0.0 else (node.output,))
+            elif isinstance(layer, kinds.PASSTHROUGH_TYPES + (int8_storage.RangeQuantize,)):
+                b = ins[0]
+            elif isinstance(layer, kinds.POOLING_TYPES) and ins[0] is not None:
+                b = Bounds(ins[0].lo, ins[0].hi, ins[0].rounded + (node.output,))
+            elif all(i is not None and i.lo >= 0.0 for i in ins) and isinstance(
+                    layer, (keras.layers.Add, keras.layers.Multiply, keras.layers.Concatenate)):
+                b = Bounds(0.0, INF)
+            elif isinstance(layer, keras.layers.Multiply) and None not in ins:
+                gate, x = sorted(ins, key=lambda i: i.hi)
+                if gate.lo >= 0.0 and gate.hi <= 1.0 and x.lo <= 0.0:
+                    b = Bounds(x.lo, x.hi, x.rounded + (node.output,))
+            bounds[node.output] = b
+        return bounds
