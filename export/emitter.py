@@ -26,6 +26,14 @@ def _times_one(x, k):
     return x * one
 
 
+KERNEL_PREFIX = "kernel_of_"
+
+
+def kernel_name(layer_name):
+    """The name of the op that makes a layer's int8 kernel (`Emitter.kernel`)."""
+    return KERNEL_PREFIX + layer_name
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a learned b-bit grid `[lo, hi] * step` sits in its int8 tensor: FakeQuant range
@@ -155,8 +163,11 @@ class Emitter:
                 k, -limit, limit, num_bits=8, narrow_range=True)
         return tf.reshape(k, [1, 1, -1, 1])
 
-    def kernel(self, w):
-        """The layer's kernel constant, fake-quantized per channel (or per tensor) in int8."""
+    def kernel(self, w, layer_name):
+        """The layer's kernel constant, fake-quantized per channel (or per tensor) in int8; the
+        FakeQuant op is named `kernel_name(layer_name)`, which the converter keeps in the
+        weight tensor's name."""
+        name = kernel_name(layer_name)
         k = tf.constant(w.kernel.astype(np.float32))
         if w.as_conv:
             k = tf.reshape(k, [1, 1] + list(w.kernel.shape))
@@ -168,12 +179,13 @@ class Emitter:
         limit = fold.INT8_WEIGHT_MAX
         if np.ndim(scales) == 0:
             return tf.quantization.fake_quant_with_min_max_args(
-                k, -limit * float(scales), limit * float(scales), num_bits=8, narrow_range=True)
+                k, -limit * float(scales), limit * float(scales), num_bits=8, narrow_range=True,
+                name=name)
         shape = k.shape
         if w.depthwise:
             k = tf.reshape(k, [shape[0], shape[1], 1, -1])
         k = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            k, -limit * scales, limit * scales, num_bits=8, narrow_range=True)
+            k, -limit * scales, limit * scales, num_bits=8, narrow_range=True, name=name)
         return tf.reshape(k, shape) if w.depthwise else k
 
     def constant(self, values, always=False):

@@ -53,7 +53,7 @@ def weighted(layer, inputs, em, weights):
     """Conv2D, DepthwiseConv2D or Dense (wrapped or not) with prepared (folded) weights."""
     x = inputs[0]
     inner = inner_layer(layer)
-    kernel = em.kernel(weights)
+    kernel = em.kernel(weights, layer.name)
     if isinstance(inner, keras.layers.Dense):
         if weights.as_conv:
             # Per-channel Dense scales cannot be stored per-tensor; a 1x1 conv keeps them.
