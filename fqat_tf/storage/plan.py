@@ -3,7 +3,7 @@ model lives on (docs/algorithm.md §5).
 
 Every tensor gets exactly one representation:
 
-* "spec": every reader quantizes it with the same learned quantizer `s * round(clip(x/s, l, u))`;
+* "spec": its one reader quantizes it with a learned quantizer `s * round(clip(x/s, l, u))`;
   the integer model stores it on the int8 grid of step `s` (the b-bit grid is a subset of it).
   The quantizer is moved up through padding, max pooling and reshapes, which commute with it,
   so the model input of a network whose first conv quantizes its input is quantized exactly.
@@ -20,8 +20,8 @@ Every tensor gets exactly one representation:
 * "inherit": the output of padding, max pooling or a reshape carries its input's grid again
   (TFLite runs these with one scale on both sides).
 
-A tensor read by several different quantizers (a residual block's input) gets a range and each
-reader requantizes it. A BatchNormalization directly after a linear convolution (its only
+A tensor read by several quantizers (a residual block's input) gets a range and each reader
+requantizes it, whatever their steps are now: they train apart. A BatchNormalization directly after a linear convolution (its only
 reader) folds into it; any other is a per-channel affine.
 """
 import dataclasses
@@ -184,9 +184,9 @@ class StoragePlan:
         return self._applied[key]
 
     def spec_for(self, key):
-        """The one learned quantizer all readers of `key` apply, or None."""
+        """The learned quantizer of the one reader of `key`, or None."""
         uses = self._uses[key]
-        return uses[0] if uses and uses[0] is not None and len(set(uses)) == 1 else None
+        return uses[0] if len(uses) == 1 and isinstance(uses[0], Spec) else None
 
     def grid(self, key):
         """The grid tensor `key` is stored on: a `Spec`, a `Range`, a `Fixed`, or None where
@@ -311,7 +311,9 @@ class StoragePlan:
             return "none"               # stored by its readers
         if key in self._fold_into:
             return "none"
-        if len(set(uses)) == 1 and isinstance(uses[0], Spec):
+        if len(uses) == 1 and isinstance(uses[0], Spec):
+            # One reader: its steps train on their own, so two readers with equal steps today
+            # are two grids tomorrow.
             return "spec"
         if (key != self._output_key and len(readers) == 1
                 and kinds.is_fused_activation(readers[0].layer) and self._fusable_producer(key)):
@@ -340,8 +342,8 @@ class StoragePlan:
 
     def _find_bounds(self):
         """Bounds from activations (`fqat_tf.activations`), carried through the layers that
-        keep them: shape and pooling layers, a product with a gate in [0, 1], and sums,
-        products and concatenations of non-negative tensors."""
+        keep them: shape and pooling layers, concatenations, a product with a gate in [0, 1],
+        and sums and products of non-negative tensors."""
         bounds = {}
         for node in self._nodes:
             layer = node.layer
@@ -357,8 +359,11 @@ class StoragePlan:
             elif isinstance(layer, kinds.POOLING_TYPES) and ins[0] is not None:
                 b = Bounds(ins[0].lo, ins[0].hi, ins[0].rounded + (node.output,))
             elif all(i is not None and i.lo >= 0.0 for i in ins) and isinstance(
-                    layer, (keras.layers.Add, keras.layers.Multiply, keras.layers.Concatenate)):
+                    layer, (keras.layers.Add, keras.layers.Multiply)):
                 b = Bounds(0.0, INF)
+            elif isinstance(layer, keras.layers.Concatenate) and None not in ins:
+                b = Bounds(min(i.lo for i in ins), max(i.hi for i in ins),
+                           tuple(k for i in ins for k in i.rounded))
             elif isinstance(layer, keras.layers.Multiply) and None not in ins:
                 gate, x = sorted(ins, key=lambda i: i.hi)
                 if gate.lo >= 0.0 and gate.hi <= 1.0 and x.lo <= 0.0:
