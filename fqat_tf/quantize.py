@@ -83,7 +83,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         cfg = self.quantize_config
         # Plain attributes (not tracked collections): add_weight already tracks the variables.
         object.__setattr__(self, "_weight_vars", None if cfg.weight_quantizer is None else
-                           cfg.weight_quantizer.build(self, self.layer.kernel.shape, "kernel"))
+                           cfg.weight_quantizer.build(self, self.kernel_view().shape, "kernel"))
         object.__setattr__(self, "_input_vars", None if cfg.input_quantizer is None else
                            cfg.input_quantizer.build(self, input_shape, "input"))
         if self.batchnorm is not None and not self.batchnorm.built:
@@ -105,17 +105,30 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """Input quantizer variables by role (None if the input is float)."""
         return self._input_vars
 
+    def kernel_view(self):
+        """The kernel as its quantizer sees it: one output channel per index of the last axis.
+
+        A depthwise kernel `[kh, kw, in, multiplier]` is viewed as `[kh, kw, 1, in *
+        multiplier]` (TFLite's channel order), so a per-channel step has one value per output
+        channel; other kernels are themselves.
+        """
+        kernel = self.layer.kernel
+        if isinstance(self.layer, keras.layers.DepthwiseConv2D):
+            kh, kw, cin, mult = kernel.shape
+            return keras.ops.reshape(kernel, (kh, kw, 1, cin * mult))
+        return kernel
+
     def quantized_kernel(self):
         """The kernel as the forward pass sees it (fake-quantized, or float)."""
         q = self.quantize_config.weight_quantizer
         kernel = self.layer.kernel
         if q is not None:
-            kq = q(kernel, self._weight_vars)
+            kq = q(self.kernel_view(), self._weight_vars)
             if self.int8_storage and q.signed and q.num_bits == 8:
                 # TFLite's int8 weights are symmetric: the 8-bit grid's -128 is stored as -127.
                 step = keras.ops.convert_to_tensor(self._weight_vars["step"])
                 kq = keras.ops.maximum(kq, -int8_storage.INT8_WEIGHT_MAX * step)
-            return kq
+            return keras.ops.reshape(kq, kernel.shape)
         if self.int8_storage:
             return int8_storage.int8_kernel(
                 kernel, depthwise=isinstance(self.layer, keras.layers.DepthwiseConv2D),
@@ -138,9 +151,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if len(step.shape) == 0:
             return step
         shape = inner.kernel.shape
-        if depthwise:
+        if depthwise and self.quantize_config.weight_quantizer is None:
             return keras.ops.reshape(keras.ops.broadcast_to(step, shape[2:]), [-1])
-        return keras.ops.broadcast_to(step, [shape[-1]])
+        return keras.ops.broadcast_to(step, [self.kernel_view().shape[-1]])
 
     def quantized_bias(self):
         """The bias as the forward pass sees it: on the int32 grid of input step times kernel
@@ -358,7 +371,7 @@ def init_steps(wrapper):
     cfg = wrapper.quantize_config
     if cfg.weight_quantizer is not None:
         q = cfg.weight_quantizer
-        kernel = np.abs(keras.ops.convert_to_numpy(wrapper.layer.kernel))
+        kernel = np.abs(keras.ops.convert_to_numpy(wrapper.kernel_view()))
         axes = tuple(range(kernel.ndim - 1)) if q.per_channel else None
         step = 2.0 * kernel.mean(axis=axes) / np.sqrt(q.qrange[1])
         wrapper.weight_variables["step"].assign(
