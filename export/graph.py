@@ -71,13 +71,8 @@ def nested_range(lo, hi, step):
 
 
 class ExportGraph:
-    """A Keras fake-quant model analysed for integer export.
-
-    Args:
-      model: a functional or Sequential Keras model, usually from `fqat_tf.quantize_model`.
-      allow_float: leave layers that have no integer lowering float (named in `float_layers`)
-        instead of raising `UnsupportedLayerError`.
-    """
+    """A Keras fake-quant model analysed for integer export: its `StoragePlan` (same
+    arguments) and the weights, constants and stored ranges the exported graph needs."""
 
     def __init__(self, model, *, allow_float=False):
         self.plan = StoragePlan(model, allow_float=allow_float)

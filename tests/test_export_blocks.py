@@ -11,7 +11,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import fqat_tf
 from export import tflite as export_lib, verify as verify_lib
-from fqat_tf.storage import int8_storage_model
+from fqat_tf.storage import UnsupportedLayerError, int8_storage_model
 
 NUM_CLASSES = 4
 SIZE = 16
@@ -195,3 +195,34 @@ def test_block_runs_on_tflites_int8_kernels(name):
     # No clip op: every learned grid here sits where saturation clips it, but the first
     # conv's signed one, whose input (an affine of the pixels) has no bound.
     assert ops["MINIMUM"] <= 1 and ops["MAXIMUM"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_block_of_the_papers_recipe_exports_integer(name):
+    # Without int8 storage the export still holds no float tensor; the Keras model keeps
+    # float what the integer model stores in 8 bits, so agreement is lower.
+    keras.utils.set_random_seed(0)
+    model = BLOCKS[name]()
+    x, y = task(384, 0)
+    _fit(model, x, y, 1e-2, 3)
+    qmodel = fqat_tf.quantize_model(model, weight_bits=8, activation_bits=8)
+    fqat_tf.calibrate_scales(qmodel, [x[:128]], num_batches=1)
+    result = export_lib.export(qmodel, [x[:128], x[128:256]])
+    assert result.trained_ranges == 0 and result.ranges
+    assert verify_lib.float_tensors(result.tflite) == []
+    test_x = task(256, 2)[0]
+    keras_top = qmodel(test_x, training=False).numpy().argmax(1)
+    assert np.mean(verify_lib.TFLiteModel(result.tflite)(test_x).argmax(1) == keras_top) >= 0.9
+
+
+def test_an_activation_without_int8_kernel_is_named():
+    x = keras.Input((SIZE, SIZE, 3))
+    h = keras.layers.Activation("gelu", name="odd")(_stem(x))
+    qmodel = fqat_tf.quantize_model(keras.Model(x, _head(h)), weight_bits=4, activation_bits=4)
+    message = "'odd' \\(Activation\\) cannot be kept integer: activation 'gelu' has no int8 kernel"
+    with pytest.raises(UnsupportedLayerError, match=message):
+        int8_storage_model(qmodel)
+    with pytest.raises(UnsupportedLayerError, match=message):
+        export_lib.export(qmodel, [task(8, 0)[0]])
+    result = export_lib.export(qmodel, [task(8, 0)[0]], allow_float=True)
+    assert result.float_layers == ["odd (Activation: activation 'gelu' has no int8 kernel here)"]

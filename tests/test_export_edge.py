@@ -28,9 +28,7 @@ pytestmark = pytest.mark.slow
 
 SIZE, CLASSES, BATCH = 64, 4, 32
 FLOAT_STEPS, QAT_STEPS = 40, 30
-# Weight learning rate of QAT: 3-bit models have more quantization error to recover from.
-QAT_LR = {8: 1e-4, 4: 1e-4, 3: 1e-3}
-SCALE_LR = 1e-5
+QAT_LR, SCALE_LR = 1e-4, 1e-5
 # Models that take pixels in [0, 255] (their own Rescaling); the others expect [-1, 1].
 PIXEL_INPUT = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0")
 MODELS = ("MobileNetV2", "MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0",
@@ -86,7 +84,7 @@ def test_edge_model_agreement(trained, bits, tmp_path):
     fqat_tf.calibrate_scales(smodel, batches, num_batches=len(batches))
     fqat_tf.calibrate_ranges(smodel, batches, num_batches=len(batches))
     qat = fqat_tf.FQATModel(smodel, method="lsq")
-    qat.compile(optimizer=keras.optimizers.Adam(QAT_LR[bits]),
+    qat.compile(optimizer=keras.optimizers.Adam(QAT_LR),
                 scale_optimizer=keras.optimizers.Adam(SCALE_LR),
                 loss=keras.losses.SparseCategoricalCrossentropy())
     qat.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)

@@ -11,8 +11,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import fqat_tf
 from export import int4, tflite as export_lib, verify as verify_lib
-from fqat_tf.storage import int8_storage_model
-from test_export import compile_fit, randomize_batchnorm, resnet_like, task
+from test_export import compile_fit, task
+from test_int8_storage import _storage_resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,12 +24,7 @@ def test_pack_puts_the_first_value_in_the_low_nibble():
 
 @pytest.fixture(scope="module")
 def storage_resnet():
-    keras.utils.set_random_seed(4)
-    model = resnet_like()
-    randomize_batchnorm(model, 0)
-    x, y = task(384, 0)
-    compile_fit(model, x, y, 1e-2, 2)
-    smodel = int8_storage_model(fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4))
+    _, smodel, x, y = _storage_resnet(4)
     batches = [x[:128], x[128:256]]
     fqat_tf.calibrate_scales(smodel, batches, num_batches=2)
     fqat_tf.calibrate_ranges(smodel, batches, num_batches=2)

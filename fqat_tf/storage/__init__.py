@@ -11,9 +11,9 @@ disagree. `kinds` says what each Keras layer type is in an integer model.
     qmodel = fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4)
     qmodel = fqat_tf.storage.int8_storage_model(qmodel)
 """
-from fqat_tf.storage.plan import (INPUT_KEY, STORED, Fixed, Range, Spec, StoragePlan,
+from fqat_tf.storage.plan import (INPUT_KEY, Bounds, Fixed, Range, Spec, StoragePlan,
                                   UnsupportedLayerError)
 from fqat_tf.storage.rebuild import int8_storage_model
 
-__all__ = ["INPUT_KEY", "STORED", "Fixed", "Range", "Spec", "StoragePlan", "UnsupportedLayerError",
-           "int8_storage_model"]
+__all__ = ["INPUT_KEY", "Bounds", "Fixed", "Range", "Spec", "StoragePlan",
+           "UnsupportedLayerError", "int8_storage_model"]

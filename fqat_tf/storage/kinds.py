@@ -115,8 +115,8 @@ def unsupported_reason(layer, input_shapes):
         layer = layer.layer
     inner = inner_layer(layer)
     if type(inner) in WEIGHTED_TYPES:
-        if not activations.get(activation_name(layer)) or not activations.get(
-                activation_name(layer)).fused:
+        act = activations.get(activation_name(layer))
+        if act is None or not act.fused:
             return (f"activation {activation_name(layer)!r} fused into the layer "
                     f"(fqat_tf.quantize_model moves it into a layer of its own)")
         if getattr(inner, "groups", 1) != 1:
@@ -126,15 +126,18 @@ def unsupported_reason(layer, input_shapes):
         if isinstance(inner, keras.layers.Dense) and len(input_shapes[0]) != 2:
             return "Dense on a tensor of rank > 2"
         return None
-    if isinstance(layer, (keras.layers.ReLU, keras.layers.Activation,
-                          int8_activations.Int8Activation)):
-        if activation_of(layer) is None and not (isinstance(layer, keras.layers.ReLU)
-                                                 and activations.bounds(layer)):
-            name = activations.of_layer(layer) or "leaky or thresholded ReLU"
-            return f"activation {name!r} has no int8 kernel here"
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold or 0.0) != 0.0:
+            return "leaky or thresholded ReLU"
+        return None
+    if isinstance(layer, (keras.layers.Activation, int8_activations.Int8Activation)):
+        if activation_of(layer) is None:
+            return f"activation {activations.of_layer(layer)!r} has no int8 kernel here"
         return None
     if isinstance(layer, (keras.layers.Add, keras.layers.Multiply)):
-        return None if len(input_shapes) == 2 else f"{type(layer).__name__} of more than two tensors"
+        if len(input_shapes) != 2:
+            return f"{type(layer).__name__} of more than two tensors"
+        return None
     if isinstance(layer, keras.layers.GroupNormalization):
         axis = layer.axis if layer.axis == -1 else layer.axis - len(input_shapes[0])
         if axis != -1 or len(input_shapes[0]) != 4 or None in input_shapes[0][1:]:

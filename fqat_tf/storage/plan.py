@@ -21,8 +21,11 @@ Every tensor gets exactly one representation:
   (TFLite runs these with one scale on both sides).
 
 A tensor read by several quantizers (a residual block's input) gets a range and each reader
-requantizes it, whatever their steps are now: they train apart. A BatchNormalization directly after a linear convolution (its only
-reader) folds into it; any other is a per-channel affine.
+requantizes it, whatever their steps are now: they train apart. A BatchNormalization directly
+after a linear convolution (its only reader) folds into it; any other is a per-channel affine.
+
+`bounds` says what the graph proves about a tensor's values (from the activations that make
+it); the exporter places a learned grid in its int8 tensor so that the bounds spare clip ops.
 """
 import dataclasses
 import math
@@ -42,7 +45,7 @@ class UnsupportedLayerError(UserError):
     """A layer the integer model cannot keep integer."""
 
 
-STORED = "stored"          # the use of a reader that stores the tensor on its own range
+OWN_RANGE = "own range"     # the use of a reader that keeps the tensor on a range of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +275,7 @@ class StoragePlan:
                 if isinstance(n.layer, keras.layers.BatchNormalization) and self._foldable(n)}
 
     def _collect_uses(self):
-        """For each tensor, how each reader uses it: a `Spec`, `STORED` (the reader keeps it
+        """For each tensor, how each reader uses it: a `Spec`, `OWN_RANGE` (the reader keeps it
         on a range of its own, or a concatenation on its output's grid) or None (a float
         read)."""
         uses = {INPUT_KEY: []}
@@ -282,7 +285,7 @@ class StoragePlan:
                       or isinstance(node.layer, keras.layers.Concatenate))
             spec = self.input_spec(node.layer)
             for i, key in enumerate(node.inputs):
-                uses[key].append(STORED if stored else spec if i == 0 else None)
+                uses[key].append(OWN_RANGE if stored else spec if i == 0 else None)
         uses[self._output_key].append(None)
         return uses
 
@@ -307,7 +310,7 @@ class StoragePlan:
             return "stored"
         if layer is not None and kinds.fixed_output_range(layer):
             return "fixed"
-        if key != self._output_key and uses and all(u == STORED for u in uses):
+        if key != self._output_key and uses and all(u == OWN_RANGE for u in uses):
             return "none"               # stored by its readers
         if key in self._fold_into:
             return "none"
