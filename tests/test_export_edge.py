@@ -57,6 +57,19 @@ def _batch_norms(model):
             if isinstance(l, keras.layers.BatchNormalization)]
 
 
+def _latency_ms(content, image, runs=50):
+    """Median single-image latency with XNNPACK on one thread (for the record, not a check)."""
+    runner = verify_lib.TFLiteModel(content, num_threads=1)
+    tensor = runner.quantize_input(image)
+    runner.invoke(tensor)
+    times = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        runner.interpreter.invoke()
+        times.append(time.perf_counter() - begin)
+    return 1e3 * float(np.median(times))
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def trained(request):
     name = request.param
@@ -95,11 +108,15 @@ def test_edge_model_agreement(trained, bits, tmp_path):
     report = verify_lib.verify(str(path), smodel, [(test_x[i:i + 64], test_y[i:i + 64])
                                                    for i in range(0, 512, 64)])
     summary = result.summary()
+    float_model = export_lib.convert_float(smodel)
+    int8_ms, float_ms = (_latency_ms(c, test_x[:1]) for c in (result.tflite, float_model))
     print(f"\n{name} {SIZE}px W{bits}A{bits}: " + json.dumps(
         {**{k: report[k] for k in ("agreement", "keras_accuracy", "tflite_accuracy",
                                    "max_logit_diff_steps")},
-         "bytes": summary["bytes"], "requantized": len(summary["requantized"]),
-         "seconds": round(time.time() - start)}, sort_keys=True))
+         "bytes": summary["bytes"], "float_bytes": len(float_model),
+         "requantized": len(summary["requantized"]), "int8_ms": round(int8_ms, 3),
+         "float_ms": round(float_ms, 3), "seconds": round(time.time() - start)},
+        sort_keys=True))
     assert report["float_tensors"] == []
     # The predictions vary: a model that answers one class agrees trivially.
     keras_classes = smodel.predict(test_x, verbose=0).argmax(1)
