@@ -19,6 +19,7 @@ import numpy as np
 
 from fqat_tf import activations
 from fqat_tf import defaults
+from fqat_tf import int8_activations
 from fqat_tf import int8_storage
 from fqat_tf.flatten import flatten_model
 from fqat_tf import quant_ops
@@ -357,10 +358,8 @@ def layer_policies(model, overrides=None):
             specs[name] = {**specs[name], **_override_spec(spec, pattern)}
     unsupported = [l.name for l in model.layers
                    if type(l) not in QUANTIZABLE_TYPES and l.weights
-                   and not isinstance(l, (keras.layers.BatchNormalization,
-                                          keras.layers.GroupNormalization,
-                                          keras.layers.LayerNormalization,
-                                          keras.layers.Normalization))]
+                   and not isinstance(l, int8_activations.AFFINE_TYPES + (
+                       keras.layers.GroupNormalization, keras.layers.LayerNormalization))]
     return specs, unsupported
 
 

@@ -226,3 +226,27 @@ def test_an_activation_without_int8_kernel_is_named():
         export_lib.export(qmodel, [task(8, 0)[0]])
     result = export_lib.export(qmodel, [task(8, 0)[0]], allow_float=True)
     assert result.float_layers == ["odd (Activation: activation 'gelu' has no int8 kernel here)"]
+
+
+def test_storage_model_survives_save_and_load_in_a_fresh_process(tmp_path):
+    # `import fqat_tf` alone registers every int8 storage layer (Int8Activation, Int8Affine).
+    import os
+    import subprocess
+    import sys
+
+    smodel, _ = trained_storage_model("swish_squeeze_excite", 4)
+    kinds = {type(l).__name__ for l in smodel.layers}
+    assert {"Int8Activation", "Int8Affine", "RangeQuantize"} <= kinds
+    path, images = str(tmp_path / "m.keras"), str(tmp_path / "x.npy")
+    smodel.save(path)
+    x = task(16, 3)[0]
+    np.save(images, x)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, numpy as np, keras, fqat_tf; "
+            "m = keras.saving.load_model(sys.argv[1], safe_mode=True); "
+            "np.save(sys.argv[3], m(np.load(sys.argv[2]), training=False).numpy())")
+    out = str(tmp_path / "y.npy")
+    proc = subprocess.run([sys.executable, "-c", code, path, images, out], cwd=root,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(out), smodel(x, training=False).numpy())
