@@ -236,8 +236,9 @@ class StoragePlan:
                 if node.is_input or isinstance(layer, keras.layers.InputLayer):
                     continue
                 if isinstance(layer, keras.Model):
-                    raise UnsupportedLayerError(f"layer {layer.name!r} is a nested model; "
-                                                f"an integer model needs a flat functional model")
+                    raise UnsupportedLayerError(
+                        f"layer {layer.name!r} is a nested model; an integer model needs a flat "
+                        f"functional model (fqat_tf.quantize_model flattens it)")
                 if len(node.outputs) != 1 or id(layer) in seen:
                     raise UnsupportedLayerError(f"layer {layer.name!r} is shared or has several "
                                                 f"outputs; an integer model needs one call per "
