@@ -1,20 +1,25 @@
-"""Single-image latency and file size of the int8 TFLite model against the float one.
+"""Single-image latency and file size of the int8 and int4-weight TFLite models against the
+float one and the converter's own post-training int8 model.
 
     python benchmarks/tflite_latency.py                          # ResNet-18, 224x224, W4A4
     python benchmarks/tflite_latency.py runs/quickstart/qat      # a trained run directory
     python benchmarks/tflite_latency.py --backbone mnist_cnn --input_shape 28,28,1 --bits 4
 
-Both models are the same network with BatchNorm folded: the int8 one from `export.tflite`, the
-float one from `export.tflite.convert_float` (no fake-quant ops). Each is run on one image with
-XNNPACK, the default delegate of `ai_edge_litert`, at 1 and 2 threads; the median of
-`--runs` timed invocations after `--warmup` untimed ones is reported. Targets: int8 latency at
-most 0.5x float, size at most 0.27x. A third column times the converter's own post-training
-int8 model of the float network (one XNNPACK partition, no clip ops): what int8 can reach on
-this CPU. A network built here (no run directory) has random weights, calibrated on random
-images: latency and size do not depend on the values.
+All four are the same network with BatchNorm folded: ours from `export.tflite` (int8 weights,
+and `--weight_storage=int4`), the float one from `export.tflite.convert_float` (no fake-quant
+ops), and the converter's post-training int8 model of the float network (calibrated on the same
+images; no clip or requantization ops: what int8 can reach). Each is run on one image with
+XNNPACK, the default delegate of `ai_edge_litert`; the four are invoked in turn, `--runs`
+times after `--warmup` rounds, so a machine shared with other work slows them alike, and the
+median of each is reported with the number of XNNPACK partitions (an op the delegate does not
+take splits the graph and runs on LiteRT's built-in kernels). Targets: int8 at most 0.35x float
+and no slower than the converter's int8; size at most 0.27x float (int8 weights) and 0.15x
+(int4 weights). A network built here (no run directory) has random weights, calibrated on
+random images: latency and size do not depend on the values.
 """
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
@@ -25,25 +30,54 @@ import numpy as np  # noqa: E402
 
 from fqat_tf import defaults  # noqa: E402
 
-LATENCY_TARGET = 0.5
-SIZE_TARGET = 0.27
+LATENCY_TARGET = 0.35            # int8 / float
+PTQ_TARGET = 1.0                 # int8 / the converter's post-training int8
+SIZE_TARGET = 0.27               # int8 weights / float
+INT4_SIZE_TARGET = 0.15          # int4 weights / float
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")
 
 
-def median_latency_ms(content, threads, runs, warmup, seed=0):
-    """Median wall time of one single-image invocation, in milliseconds."""
+def machine():
+    """The CPU's model name and the vector extensions that matter for int8 kernels."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cpus, flags: {' '.join(f for f in CPU_FLAGS if f in flags)}"
+
+
+def partitions(content):
+    """Number of XNNPACK partitions of a model (delegate nodes after delegation)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=content)
+    it.allocate_tensors()
+    return [op["op_name"] for op in it._get_ops_details()].count("DELEGATE")
+
+
+def interleaved_latency_ms(contents, threads, runs, warmup, seed=0):
+    """Median wall time of one single-image invocation of each model, in milliseconds; the
+    models take turns, run after run."""
     from export.verify import TFLiteModel
 
-    model = TFLiteModel(content, num_threads=threads)
-    shape = [1] + [int(d) for d in model.input["shape_signature"][1:]]
-    image = model.quantize_input(np.random.default_rng(seed).normal(size=shape))
-    for _ in range(warmup):
-        model.invoke(image)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.interpreter.invoke()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    models = [TFLiteModel(c, num_threads=threads) for c in contents]
+    for model in models:
+        shape = [1] + [int(d) for d in model.input["shape_signature"][1:]]
+        model.invoke(model.quantize_input(np.random.default_rng(seed).normal(size=shape)))
+    times = [[] for _ in models]
+    for r in range(warmup + runs):
+        for model, spent in zip(models, times):
+            start = time.perf_counter()
+            model.interpreter.invoke()
+            if r >= warmup:
+                spent.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def post_training_int8(model, batches):
@@ -64,7 +98,7 @@ def post_training_int8(model, batches):
 
 
 def build_models(args):
-    """(int8 bytes, float bytes, description) for the requested network."""
+    """`({name: flatbuffer}, description)` for the requested network."""
     import keras
 
     import fqat_tf
@@ -72,11 +106,10 @@ def build_models(args):
     from fqat_tf import models, rundir
 
     if args.source:
-        if os.path.isdir(args.source):
-            model = export_lib.load_model(os.path.join(args.source, rundir.MODEL))
-            batches = export_lib.representative_batches(export_lib.read_flags(args.source))
-        else:
+        if not os.path.isdir(args.source):
             raise SystemExit(f"{args.source}: expected a run directory")
+        model = export_lib.load_model(os.path.join(args.source, rundir.MODEL))
+        batches = export_lib.representative_batches(export_lib.read_flags(args.source))
         name = args.source
     else:
         shape = tuple(int(d) for d in args.input_shape.split(","))
@@ -89,8 +122,14 @@ def build_models(args):
         fqat_tf.calibrate_scales(model, batches, num_batches=2)
         name = (f"{args.backbone} width {args.width or 'default'} {args.input_shape} "
                 f"W{args.bits}A{args.bits}")
-    int8 = export_lib.convert(model, batches, int8_io=True, max_batches=None)
-    return int8, export_lib.convert_float(model), post_training_int8(model, batches), name
+    contents = {
+        "float": export_lib.convert_float(model),
+        "int8": export_lib.export(model, batches, max_batches=None).tflite,
+        "int4 weights": export_lib.export(model, batches, max_batches=None,
+                                          weight_storage="int4").tflite,
+        "converter PTQ int8": post_training_int8(model, batches),
+    }
+    return contents, name
 
 
 def main(argv=None):
@@ -104,29 +143,40 @@ def main(argv=None):
     p.add_argument("--threads", default=",".join(str(t) for t in defaults.LATENCY_THREADS))
     p.add_argument("--runs", type=int, default=defaults.LATENCY_RUNS)
     p.add_argument("--warmup", type=int, default=defaults.LATENCY_WARMUP)
-    p.add_argument("--save_dir", help="also write int8.tflite and float.tflite here")
+    p.add_argument("--save_dir", help="also write the four .tflite files here")
     args = p.parse_args(argv)
-    int8, flt, ptq, name = build_models(args)
+    contents, name = build_models(args)
     if args.save_dir:
         from fqat_tf import rundir
 
-        for fname, content in (("int8.tflite", int8), ("float.tflite", flt)):
-            rundir.atomic_write(os.path.join(args.save_dir, fname), content, mode="wb")
-    print(f"# {name}: median of {args.runs} single-image runs, XNNPACK")
-    print("| threads | float ms | int8 ms | int8/float | converter PTQ int8 ms |")
-    print("|---|---|---|---|---|")
-    ratios = []
+        for key, content in contents.items():
+            rundir.atomic_write(os.path.join(args.save_dir, key.replace(" ", "_") + ".tflite"),
+                                content, mode="wb")
+    names = list(contents)
+    print(f"# {name}: median of {args.runs} single-image runs each, XNNPACK, models in turn")
+    print(f"# machine: {machine()}")
+    print("| threads | " + " | ".join(f"{n} ms" for n in names)
+          + " | int8/float | int8/PTQ | int4/float |")
+    print("|---" * (len(names) + 4) + "|")
+    worst = {"int8/float": 0.0, "int8/PTQ": 0.0}
     for threads in (int(t) for t in args.threads.split(",")):
-        f_ms, i_ms, p_ms = (median_latency_ms(c, threads, args.runs, args.warmup)
-                            for c in (flt, int8, ptq))
-        ratios.append(i_ms / f_ms)
-        print(f"| {threads} | {f_ms:.2f} | {i_ms:.2f} | {i_ms / f_ms:.3f} | {p_ms:.2f} |")
-    size = len(int8) / len(flt)
-    print(f"size: float {len(flt)} B, int8 {len(int8)} B, int8/float {size:.3f}")
-    ok = max(ratios) <= LATENCY_TARGET and size <= SIZE_TARGET
-    print(f"targets (latency <= {LATENCY_TARGET}x, size <= {SIZE_TARGET}x): "
-          f"{'met' if ok else 'NOT met'}")
-    return 0 if ok else 1
+        ms = dict(zip(names, interleaved_latency_ms(list(contents.values()), threads,
+                                                    args.runs, args.warmup)))
+        ratios = (ms["int8"] / ms["float"], ms["int8"] / ms["converter PTQ int8"],
+                  ms["int4 weights"] / ms["float"])
+        worst = {k: max(worst[k], r) for k, r in zip(worst, ratios)}
+        print(f"| {threads} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + " | "
+              + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+    print("partitions: " + ", ".join(f"{n} {partitions(c)}" for n, c in contents.items()))
+    size = {n: len(c) / len(contents["float"]) for n, c in contents.items()}
+    print("size: " + ", ".join(f"{n} {len(c)} B ({size[n]:.3f}x)" for n, c in contents.items()))
+    checks = {f"int8 <= {LATENCY_TARGET}x float": worst["int8/float"] <= LATENCY_TARGET,
+              f"int8 <= {PTQ_TARGET}x PTQ": worst["int8/PTQ"] <= PTQ_TARGET,
+              f"int8 size <= {SIZE_TARGET}x": size["int8"] <= SIZE_TARGET,
+              f"int4 size <= {INT4_SIZE_TARGET}x": size["int4 weights"] <= INT4_SIZE_TARGET}
+    print("targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}"
+                                  for k, ok in checks.items()))
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":

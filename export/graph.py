@@ -1,25 +1,16 @@
 """The export graph: a fake-quant Keras model rebuilt from TensorFlow ops the TFLite converter
-turns into an all-int8 model (ALGORITHM.md §5).
+turns into an all-int8 model (docs/algorithm.md §5).
 
-Every tensor of the rebuilt graph carries exactly one fake-quant op, decided once per tensor:
-
-* "spec": every reader quantizes it with the same learned quantizer `s * round(clip(x/s, l, u))`.
-  It is clipped at the b-bit bounds and then fake-quantized at 8 bits with step `s`, so the b-bit
-  grid is a subset of the int8 grid (8-bit FakeQuant is all the converter accepts on
-  activations). The quantizer is moved up through padding, max pooling and reshapes, which
-  commute with it, so the model input of a network whose first conv quantizes its input is
-  quantized exactly.
-* "range": the Keras model keeps it float (a BatchNorm-ed residual branch, a sum, the pooled
-  features, the logits, a GroupNorm intermediate), or readers disagree; 8-bit FakeQuant on the
-  range the representative data shows. A learned quantizer reading it then requantizes it.
-* "none": a conv or sum whose only reader is a ReLU (the converter fuses the two; the ReLU's
-  output carries the quantization), or a conv whose BatchNorm is folded into it.
-* "inherit": the output of padding, max pooling or a reshape carries its input's fake-quant
-  again (TFLite runs these with one scale on both sides).
-
-Two FakeQuants in a row, or one tensor read under several scales, are merged by the converter
-into one scale; so a tensor read by several different quantizers (a residual block's input)
-gets a "range" fake-quant and each reader requantizes it behind its own clip op.
+Which 8-bit grid every tensor lives on is the model's `fqat_tf.storage.StoragePlan` (the same
+plan `fqat_tf.storage.int8_storage_model` trains with); this module turns it into fake-quant
+ops. "spec" tensors are clipped at the b-bit bounds and then fake-quantized at 8 bits with step
+`s`, so the b-bit grid is a subset of the int8 grid (8-bit FakeQuant is all the converter
+accepts on activations); "range" tensors get an 8-bit FakeQuant on the range the model trained
+(int8 storage) or the representative data shows; "inherit" tensors carry their source's
+fake-quant once more. Two FakeQuants in a row, or one tensor read under several scales, are
+merged by the converter into one scale; so a tensor read by several different quantizers (a
+residual block's input) gets a "range" fake-quant and each reader requantizes it behind its own
+clip op.
 
 Kernels: a learned b-bit kernel is folded with its BatchNorm into per-channel int8 scales that
 hold the same integers (`export.fold`); float kernels (the first conv, the classifier) get
@@ -37,26 +28,16 @@ import keras
 import numpy as np
 
 from export import fold, layers as emit
-from export.emitter import Emitter
+from export.emitter import Emitter, Layout
 from fqat_tf import int8_storage
-from fqat_tf.errors import UserError
 from fqat_tf.quantize import QuantizeWrapper
+from fqat_tf.storage import kinds
+from fqat_tf.storage.plan import (INPUT_KEY, Fixed, Range, Spec, StoragePlan,
+                                  UnsupportedLayerError)
 
 MODES = ("observe", "int8", "float")
-INPUT_KEY = "(input)"
-
-
-class UnsupportedLayerError(UserError):
-    """A layer the exporter cannot keep integer."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """A learned quantizer: `step * round(clip(x / step, lo, hi))`."""
-
-    step: float
-    lo: int
-    hi: int
+__all__ = ["ExportGraph", "INPUT_KEY", "MODES", "Spec", "UnsupportedLayerError", "Weights",
+           "nested_range"]
 
 
 @dataclasses.dataclass
@@ -70,26 +51,6 @@ class Weights:
     learned: bool               # the integers are the learned b-bit grid
     as_conv: bool = False       # a Dense with per-channel scales, run as a 1x1 conv
     moved: int = 0              # integers outside [-127, 127], stored one step inward
-
-
-@dataclasses.dataclass
-class _Node:
-    layer: keras.layers.Layer
-    inputs: list
-    output: str
-    input_shapes: list
-
-
-def _spec_of(quantizer, variables):
-    lo, hi = quantizer.qrange
-    return Spec(float(keras.ops.convert_to_numpy(variables["step"])), int(lo), int(hi))
-
-
-def _input_spec(layer):
-    """The learned quantizer of a layer's input, or None."""
-    if isinstance(layer, QuantizeWrapper) and layer.quantize_config.input_quantizer:
-        return _spec_of(layer.quantize_config.input_quantizer, layer.input_variables)
-    return None
 
 
 def nested_range(lo, hi, step):
@@ -108,48 +69,26 @@ def nested_range(lo, hi, step):
     return None
 
 
-def _functional(model):
-    from keras.src.models.functional import Functional
-
-    if isinstance(model, keras.Sequential) or not isinstance(model, Functional):
-        if not getattr(model, "inputs", None):
-            raise ValueError("export needs a functional or Sequential model built on an Input")
-        model = keras.Model(model.inputs, model.outputs)
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError(f"export needs one input and one output, model {model.name!r} has "
-                         f"{len(model.inputs)} and {len(model.outputs)}")
-    shape = tuple(model.inputs[0].shape)
-    if None in shape[1:]:
-        raise ValueError(f"export needs a fixed input shape apart from the batch, got {shape}")
-    return model
-
 
 class ExportGraph:
-    """A Keras fake-quant model analysed for integer export.
-
-    Args:
-      model: a functional or Sequential Keras model, usually from `fqat_tf.quantize_model`.
-      allow_float: leave layers that have no integer lowering float (named in `float_layers`)
-        instead of raising `UnsupportedLayerError`.
-    """
+    """A Keras fake-quant model analysed for integer export: its `StoragePlan` (same
+    arguments) and the weights, constants and stored ranges the exported graph needs."""
 
     def __init__(self, model, *, allow_float=False):
-        self.model = _functional(model)
-        self.input_shape = tuple(self.model.inputs[0].shape)
-        self.float_layers = []
-        self._nodes, self._input_key, self._output_key = self._topology()
-        self._check_supported(allow_float)
-        self._fold_into = self._find_folds()
-        # Read once, eagerly: the steps are constants of the exported graph.
-        self._input_specs = {n.layer.name: _input_spec(n.layer) for n in self._nodes}
-        self._constants = {n.layer.name: emit.constants(n.layer) for n in self._nodes}
-        self.weights = {n.layer.name: self._prepare_weights(n) for n in self._nodes
-                        if type(emit.inner_layer(n.layer)) in emit.WEIGHTED_TYPES}
+        self.plan = StoragePlan(model, allow_float=allow_float)
+        self.model = self.plan.model
+        self.input_shape = self.plan.input_shape
+        self.float_layers = self.plan.float_layers
+        self.rep = self.plan.rep
+        self._fold_into = self.plan.folds
+        # Read once, eagerly: the weights and constants are constants of the exported graph.
+        self._constants = {n.layer.name: emit.constants(n.layer, n.input_shapes)
+                           for n in self.plan.nodes}
+        self.weights = {n.layer.name: self._prepare_weights(n) for n in self.plan.nodes
+                        if kinds.is_weighted(n.layer)}
         self.stored_ranges = self._read_stored_ranges()
-        self._uses = self._collect_uses()
-        self.rep, self._applied = self._decide_representations()
-        for node in self._nodes:
-            spec = self._spec_for(node.output) if self.rep[node.output] == "spec" else None
+        for node in self.plan.nodes:
+            spec = self.plan.spec_for(node.output) if self.rep[node.output] == "spec" else None
             if spec is not None:
                 self._constants[node.layer.name]["output_clip"] = (spec.lo * spec.step,
                                                                    spec.hi * spec.step)
@@ -158,7 +97,7 @@ class ExportGraph:
     def nodes(self):
         """`(layer, input keys, output key)` of every layer call, in topological order; the
         model input is `INPUT_KEY`, every other tensor is named by the layer that makes it."""
-        return [(n.layer, list(n.inputs), n.output) for n in self._nodes]
+        return [(n.layer, list(n.inputs), n.output) for n in self.plan.nodes]
 
     @property
     def folds(self):
@@ -168,64 +107,21 @@ class ExportGraph:
     @property
     def output_key(self):
         """The key of the model's output tensor."""
-        return self._output_key
+        return self.plan.output_key
 
-    # --- analysis --------------------------------------------------------------------------
-    def _topology(self):
-        model = self.model
-        keys = {id(model.inputs[0]): INPUT_KEY}
-        nodes = []
-        for depth in sorted(model._nodes_by_depth, reverse=True):
-            for node in model._nodes_by_depth[depth]:
-                layer = node.operation
-                if node.is_input or isinstance(layer, keras.layers.InputLayer):
-                    continue
-                if isinstance(layer, keras.Model):
-                    raise UnsupportedLayerError(f"layer {layer.name!r} is a nested model; "
-                                                f"export needs a flat functional model")
-                if len(node.outputs) != 1 or any(n.layer is layer for n in nodes):
-                    raise UnsupportedLayerError(f"layer {layer.name!r} is shared or has several "
-                                                f"outputs; export needs one call per layer")
-                ins = [keys[id(t)] for t in node.input_tensors]
-                keys[id(node.outputs[0])] = layer.name
-                nodes.append(_Node(layer, ins, layer.name,
-                                   [tuple(t.shape) for t in node.input_tensors]))
-        return nodes, INPUT_KEY, keys[id(model.outputs[0])]
+    @property
+    def requantized(self):
+        """Quantized layers whose input tensor first had to be quantized on another grid."""
+        return self.plan.requantized
 
-    def _consumers(self, key):
-        return [n for n in self._nodes if key in n.inputs]
-
-    def _check_supported(self, allow_float):
-        for node in self._nodes:
-            layer = node.layer
-            if isinstance(layer, keras.layers.BatchNormalization) and self._foldable(node):
-                continue
-            reason = emit.unsupported_reason(layer, node.input_shapes)
-            if reason is None:
-                continue
-            if not allow_float:
-                raise UnsupportedLayerError(
-                    f"layer {layer.name!r} ({type(layer).__name__}) cannot be kept integer: "
-                    f"{reason}; pass allow_float=True (--allow_float) to leave it float")
-            self.float_layers.append(f"{layer.name} ({type(layer).__name__}: {reason})")
-
-    def _producer(self, key):
-        return next((n for n in self._nodes if n.output == key), None)
-
-    def _foldable(self, bn_node):
-        key = bn_node.inputs[0]
-        prod = self._producer(key)
-        return (prod is not None and type(emit.inner_layer(prod.layer)) in emit.CONV_TYPES
-                and emit.activation_name(prod.layer) == "linear"
-                and len(self._consumers(key)) == 1 and key != self._output_key)
-
-    def _find_folds(self):
-        return {self._producer(n.inputs[0]).layer.name: n.layer for n in self._nodes
-                if isinstance(n.layer, keras.layers.BatchNormalization) and self._foldable(n)}
+    @property
+    def moved_weights(self):
+        """Kernel integers stored one step inward, by layer (only 8-bit grids can have any)."""
+        return {name: w.moved for name, w in self.weights.items() if w.moved}
 
     def _prepare_weights(self, node):
         layer = node.layer
-        inner = emit.inner_layer(layer)
+        inner = kinds.inner_layer(layer)
         depthwise = isinstance(inner, keras.layers.DepthwiseConv2D)
         dense = isinstance(inner, keras.layers.Dense)
         kernel = keras.ops.convert_to_numpy(inner.kernel).astype(np.float64)
@@ -266,73 +162,6 @@ class ExportGraph:
         return Weights(kernel, bias, fold.max_abs_scales(kernel, depthwise, per_channel=not dense),
                        depthwise, False)
 
-    def _collect_uses(self):
-        """For each tensor, how each reader uses it: a `Spec`, or None for a float read."""
-        uses = {INPUT_KEY: []}
-        for node in self._nodes:
-            uses.setdefault(node.output, [])
-            spec = self._input_spec(node.layer)
-            for i, key in enumerate(node.inputs):
-                uses[key].append(spec if i == 0 else None)
-        uses[self._output_key].append(None)
-        return uses
-
-    def _fusable_producer(self, key):
-        producer = self._producer(key)
-        if producer is None:
-            return False
-        layer = producer.layer
-        return (type(emit.inner_layer(layer)) in emit.WEIGHTED_TYPES
-                or isinstance(layer, keras.layers.Add)
-                or producer.inputs[0] in self._fold_into)
-
-    def _decide_representations(self):
-        """Picks each tensor's fake-quant (module docstring) and which spec it already has."""
-        rep = {}
-        for node in reversed(self._nodes):
-            if isinstance(node.layer, emit.PASSTHROUGH_TYPES):
-                # TFLite runs these with one scale on both sides: the output keeps the input's
-                # quantization, and the input's only reader hands its uses up to it.
-                rep[node.output] = "inherit"
-                if len(self._uses[node.inputs[0]]) == 1:
-                    self._uses[node.inputs[0]] = list(self._uses[node.output])
-        for key in [INPUT_KEY] + [n.output for n in self._nodes]:
-            if key in rep:
-                continue
-            uses = self._uses[key]
-            readers = self._consumers(key)
-            producer = self._producer(key)
-            if producer is not None and isinstance(producer.layer, int8_storage.RangeQuantize):
-                rep[key] = "range"      # on the range it trained (`stored_ranges`)
-            elif (readers and key != self._output_key
-                  and all(isinstance(r.layer, int8_storage.RangeQuantize) for r in readers)):
-                rep[key] = "none"       # stored by its reader
-            elif key in self._fold_into:
-                rep[key] = "none"
-            elif len(set(uses)) == 1 and uses[0] is not None:
-                rep[key] = "spec"
-            elif (key != self._output_key and len(readers) == 1
-                  and emit.is_plain_relu(readers[0].layer) and self._fusable_producer(key)):
-                rep[key] = "none"
-            else:
-                rep[key] = "range"
-        applied = {INPUT_KEY: self._spec_for(INPUT_KEY) if rep[INPUT_KEY] == "spec" else None}
-        for node in self._nodes:
-            r = rep[node.output]
-            applied[node.output] = (applied[node.inputs[0]] if r == "inherit" else
-                                    self._spec_for(node.output) if r == "spec" else None)
-        return rep, applied
-
-    @property
-    def requantized(self):
-        """Quantized layers whose input tensor first had to be quantized on another grid."""
-        return [n.layer.name for n in self._nodes
-                if self._input_spec(n.layer) is not None
-                and self._applied[n.inputs[0]] != self._input_spec(n.layer)]
-
-    def _input_spec(self, layer):
-        return self._input_specs[layer.name]
-
     def align_ranges(self, ranges):
         """Ranges whose grid nests in the grid of a learned quantizer that requantizes them.
 
@@ -348,14 +177,15 @@ class ExportGraph:
         Returns:
           A new dict.
         """
+        plan = self.plan
         aligned = dict(ranges)
         done = set()
-        for node in self._nodes:
-            spec = self._input_spec(node.layer)
+        for node in plan.nodes:
+            spec = plan.input_spec(node.layer)
             key = node.inputs[0]
-            if spec is None or self._applied[key] == spec:
+            if spec is None or plan.applied(key) == spec:
                 continue
-            source = self._inherit_source(key) if self.rep[key] == "inherit" else key
+            source = plan.inherit_source(key)
             if source in done or source not in ranges or source in self.stored_ranges:
                 continue
             nested = nested_range(*ranges[source], spec.step)
@@ -368,10 +198,9 @@ class ExportGraph:
         """`{name: (min, max)}` of the range tensors the Keras model quantizes itself
         (`fqat_tf.int8_storage` layers), named as `export.tflite.observe_ranges` names them."""
         ranges = {}
-        for node in self._nodes:
+        for node in self.plan.nodes:
             layer = node.layer
-            if not isinstance(layer, (int8_storage.RangeQuantize,
-                                      int8_storage.Int8GroupNormalization)):
+            if not isinstance(layer, int8_storage.StorageLayerMixin):
                 continue
             stored = layer.stored_ranges
             if not stored:
@@ -383,11 +212,6 @@ class ExportGraph:
             else:
                 ranges.update({f"{layer.name}/{part}": r for part, r in stored.items()})
         return ranges
-
-    @property
-    def moved_weights(self):
-        """Kernel integers stored one step inward, by layer (only 8-bit grids can have any)."""
-        return {name: w.moved for name, w in self.weights.items() if w.moved}
 
     # --- building ---------------------------------------------------------------------------
     def build(self, x, mode, ranges=None):
@@ -403,35 +227,75 @@ class ExportGraph:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        plan = self.plan
         em = Emitter(mode, ranges, self.stored_ranges)
-        values = {INPUT_KEY: em.materialize(INPUT_KEY, x, self.rep[INPUT_KEY],
-                                            self._spec_for(INPUT_KEY))}
-        for node in self._nodes:
+        layout = (lambda key, spec, **kw: self.layout(key, spec, ranges, **kw)) if (
+            mode == "int8") else (lambda key, spec, **kw: None)
+
+        def on_grid(key, y):
+            grid = plan.grid(key)
+            rep = self.rep[key]
+            if rep == "none":
+                return y
+            # An inherited grid is put on once more, explicitly: left to itself the converter
+            # may give the output a reader's scale, which TFLite cannot run.
+            source = plan.inherit_source(key)
+            lay = layout(source, grid) if isinstance(grid, Spec) else None
+            return em.grid(y, grid, lay, on_grid=rep == "inherit")
+
+        values = {INPUT_KEY: on_grid(INPUT_KEY, x)}
+        for node in plan.nodes:
+            layer, key = node.layer, node.inputs[0]
             inputs = [values[k] for k in node.inputs]
-            spec = self._input_spec(node.layer)
-            if spec is not None and self._applied[node.inputs[0]] != spec:
-                inputs[0] = em.spec(inputs[0], spec, requantize=True)
+            spec = plan.input_spec(layer)
+            if spec is not None and plan.applied(key) != spec:
+                inputs[0] = em.spec(inputs[0], spec, layout(key, spec, requantized=True),
+                                    requantize=True)
+            if plan.stores_input(layer) and not isinstance(layer, int8_storage.RangeQuantize):
+                inputs[0] = em.stored_input(f"{layer.name}/input", inputs[0],
+                                            self._carried(key, ranges))
             y = self._emit(node, inputs, em)
-            key, rep, out_spec = node.output, self.rep[node.output], self._spec_for(node.output)
-            if rep == "inherit":
-                # The input's fake-quant once more, explicitly: left to itself the converter
-                # may give the output a reader's scale, which TFLite cannot run.
-                key, out_spec = self._inherit_source(key), self._applied[node.output]
-                rep = "range" if out_spec is None else "spec"
-            values[node.output] = em.materialize(key, y, rep, out_spec,
-                                                 on_grid=self.rep[node.output] == "inherit")
-        out = values[self._output_key]
+            values[node.output] = on_grid(node.output, y)
+        out = values[plan.output_key]
         return (out, em.observed) if mode == "observe" else out
 
-    def _inherit_source(self, key):
-        """The tensor a chain of passthrough layers starts from."""
-        while self.rep[key] == "inherit":
-            key = self._producer(key).inputs[0]
-        return key
+    def _carried(self, key, ranges):
+        """The `(min, max)` of the 8-bit grid tensor `key` is on in "int8" mode, or None."""
+        grid = self.plan.grid(key)
+        if isinstance(grid, Range):
+            return None if ranges is None else tuple(ranges[grid.name])
+        if isinstance(grid, Fixed):
+            return (grid.lo, grid.hi)
+        if isinstance(grid, Spec) and ranges is not None:
+            lay = self.layout(self.plan.inherit_source(key), grid, ranges)
+            return (lay.lo8 * grid.step, lay.hi8 * grid.step)
+        return None
 
-    def _spec_for(self, key):
-        uses = self._uses[key]
-        return uses[0] if uses and uses[0] is not None and len(set(uses)) == 1 else None
+    def _step(self, key, ranges):
+        """The step of the 8-bit grid tensor `key` is rounded onto (0 where it is not)."""
+        lo_hi = self._carried(key, ranges)
+        return 0.0 if lo_hi is None else (lo_hi[1] - lo_hi[0]) / 255.0
+
+    def layout(self, key, spec, ranges, requantized=False):
+        """Where learned grid `spec` sits in the int8 tensor that stores tensor `key`.
+
+        An 8-bit grid fills the int8 tensor. A narrower one sits at the top of it (the int8
+        maximum is the b-bit maximum: saturation clips there) when the graph proves the values
+        never fall below the b-bit minimum (`StoragePlan.bounds`: a ReLU output for an
+        unsigned grid, a hard-swish output above `lo * step`), so no clip op is needed at
+        all; otherwise at the bottom, with one clip op at the top. The bounds lose half a grid
+        step to each rounding on the way (`requantized`: `key`'s own grid is another one, so
+        its rounding counts too).
+        """
+        if spec.hi - spec.lo >= 255:
+            return Layout(spec.lo, spec.hi, False)
+        b = self.plan.bounds(key)
+        if b is not None:
+            rounded = [k for k in b.rounded if requantized or k != key]
+            floor = b.lo - sum(self._step(k, ranges) for k in rounded) / 2 if b.lo else 0.0
+            if floor >= spec.lo * spec.step:
+                return Layout(spec.hi - 255, spec.hi, False)
+        return Layout(spec.lo, spec.lo + 255, True)
 
     def _emit(self, node, inputs, em):
         layer = node.layer
@@ -440,6 +304,6 @@ class ExportGraph:
         if layer.name in self.weights:
             return emit.weighted(layer, inputs, em, self.weights[layer.name])
         fn = emit.emitter_for(layer)
-        if fn is None or emit.unsupported_reason(layer, node.input_shapes) is not None:
+        if fn is None or kinds.unsupported_reason(layer, node.input_shapes) is not None:
             return layer(*inputs, training=False)
         return fn(layer, inputs, em, self._constants[layer.name])

@@ -10,93 +10,50 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import int8_storage
-from fqat_tf.quantize import QuantizeWrapper
-
-# Layers through which a quantizer can be moved to the input without changing any value:
-# quantization is monotone and maps 0 to 0, so it commutes with padding, max pooling and
-# reshapes. TFLite runs them with one scale on input and output.
-PASSTHROUGH_TYPES = (keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D, keras.layers.Flatten,
-                     keras.layers.Reshape, keras.layers.Dropout, keras.layers.Identity)
-CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-WEIGHTED_TYPES = CONV_TYPES + (keras.layers.Dense,)
-
-
-def inner_layer(layer):
-    """The float layer inside a `QuantizeWrapper`, or the layer itself."""
-    return layer.layer if isinstance(layer, QuantizeWrapper) else layer
-
-
-def activation_name(layer):
-    """"linear", "relu" or another name for the activation a layer applies to its output."""
-    act = getattr(inner_layer(layer), "activation", None)
-    return "linear" if act is None else getattr(act, "__name__", str(act))
-
-
-def is_plain_relu(layer):
-    """A ReLU layer (or relu Activation) that TFLite can fuse into the op before it."""
-    if isinstance(layer, keras.layers.ReLU):
-        return (layer.max_value is None and float(layer.negative_slope) == 0.0
-                and float(layer.threshold) == 0.0)
-    return isinstance(layer, keras.layers.Activation) and activation_name(layer) == "relu"
-
-
-def unsupported_reason(layer, input_shapes):
-    """Why `layer` (reading tensors of `input_shapes`) cannot be exported integer, or None."""
-    inner = inner_layer(layer)
-    if type(inner) in WEIGHTED_TYPES:
-        if activation_name(layer) not in ("linear", "relu"):
-            return f"activation {activation_name(layer)!r} has no int8 kernel here"
-        if getattr(inner, "groups", 1) != 1:
-            return "grouped convolution"
-        if getattr(inner, "data_format", "channels_last") != "channels_last":
-            return "channels_first"
-        if isinstance(inner, keras.layers.Dense) and len(input_shapes[0]) != 2:
-            return "Dense on a tensor of rank > 2"
-        return None
-    if isinstance(layer, keras.layers.ReLU):
-        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
-            return "leaky or thresholded ReLU"
-        return None
-    if isinstance(layer, keras.layers.Activation):
-        ok = activation_name(layer) in ("linear", "relu")
-        return None if ok else f"activation {activation_name(layer)!r} has no int8 kernel here"
-    if isinstance(layer, keras.layers.Add):
-        return None if len(input_shapes) == 2 else "Add of more than two tensors"
-    if isinstance(layer, keras.layers.GroupNormalization):
-        axis = layer.axis if layer.axis == -1 else layer.axis - len(input_shapes[0])
-        if axis != -1 or len(input_shapes[0]) != 4 or None in input_shapes[0][1:]:
-            return "GroupNormalization over a non-channel axis or an unknown spatial size"
-        return None
-    if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-                          keras.layers.GlobalAveragePooling2D)):
-        fmt = getattr(layer, "data_format", "channels_last")
-        return None if fmt == "channels_last" else "channels_first"
-    if isinstance(layer, PASSTHROUGH_TYPES + (keras.layers.Concatenate,
-                                              int8_storage.RangeQuantize)):
-        return None
-    if isinstance(layer, keras.layers.BatchNormalization):
-        return "BatchNormalization that does not directly follow a linear Conv2D/DepthwiseConv2D"
-    return f"no integer lowering for {type(layer).__name__}"
+from fqat_tf import activations, int8_activations, int8_storage
+from fqat_tf.storage import Fixed, kinds
+from fqat_tf.storage.kinds import activation_name, inner_layer
 
 
 def _activate(layer, y):
-    return tf.nn.relu(y) if activation_name(layer) == "relu" else y
+    name = activation_name(layer)
+    return tf.nn.relu(y) if name == "relu" else tf.nn.relu6(y) if name == "relu6" else y
 
 
-def constants(layer):
+def constants(layer, input_shapes):
     """Float parameters an emitter needs, read eagerly (they become graph constants)."""
     if isinstance(layer, keras.layers.GroupNormalization):
         return {name: keras.ops.convert_to_numpy(v).astype(np.float64)
                 for name, v in (("gamma", layer.gamma), ("beta", layer.beta)) if v is not None}
+    if kinds.is_affine(layer):
+        inner = layer.layer if isinstance(layer, int8_activations.Int8Affine) else layer
+        affine = int8_activations.affine_parameters(inner, int(input_shapes[0][-1]))
+        return dict(zip(("f", "offset"), (keras.ops.convert_to_numpy(v) for v in affine)))
     return {}
+
+
+def as_4d(x):
+    """`x` as an NHWC tensor (a `[batch, channels]` one as `[batch, 1, 1, channels]`), and the
+    function that restores its shape."""
+    shape = x.shape
+    if len(shape) == 4:
+        return x, lambda y: y
+    return (tf.reshape(x, [-1, 1, 1, int(shape[-1])]),
+            lambda y: tf.reshape(y, [-1] + [int(d) for d in shape[1:]]))
+
+
+def _multiply_add(x, em, f, offset):
+    """`x * f + offset` per channel as one depthwise conv (int8 weights, int32 bias)."""
+    y, restore = as_4d(x)
+    y = tf.nn.depthwise_conv2d(y, em.affine_kernel(f), [1, 1, 1, 1], "VALID")
+    return restore(y + tf.constant(np.asarray(offset, np.float32)))
 
 
 def weighted(layer, inputs, em, weights):
     """Conv2D, DepthwiseConv2D or Dense (wrapped or not) with prepared (folded) weights."""
     x = inputs[0]
     inner = inner_layer(layer)
-    kernel = em.kernel(weights)
+    kernel = em.kernel(weights, layer.name)
     if isinstance(inner, keras.layers.Dense):
         if weights.as_conv:
             # Per-channel Dense scales cannot be stored per-tensor; a 1x1 conv keeps them.
@@ -115,14 +72,49 @@ def weighted(layer, inputs, em, weights):
     return _activate(layer, y)
 
 
-def relu(layer, inputs, em, consts):
-    y = tf.nn.relu(inputs[0])
-    max_value = getattr(layer, "max_value", None)
-    return y if max_value is None else tf.minimum(y, float(max_value))
-
-
 def activation(layer, inputs, em, consts):
-    return _activate(layer, inputs[0])
+    """An Activation, ReLU or `Int8Activation` layer, its input quantized already.
+
+    Observe mode runs the Keras layer (an `Int8Activation` computes TFLite's integers there);
+    the other modes emit the ops the converter turns into the TFLite kernel. The graph puts
+    the output on its grid.
+    """
+    x = inputs[0]
+    act = kinds.activation_of(layer)
+    if act is None:         # a ReLU capped at another value than 6
+        return tf.minimum(tf.nn.relu(x), float(layer.max_value))
+    if act.fused:
+        return {"linear": x, "relu": tf.nn.relu(x), "relu6": tf.nn.relu6(x)}[act.name]
+    if em.mode == "observe":
+        return layer(x, training=False)
+    if act.name == "hard_sigmoid":
+        f, offset = int8_activations.HARD_SIGMOID_AFFINE
+        if em.mode == "float":
+            return tf.nn.relu6(x + 3.0) * f
+        channels = int(x.shape[-1])
+        return _multiply_add(x, em, np.full(channels, f), np.full(channels, offset))
+    if act.name == "hard_silu":
+        # The pattern the converter turns into HARD_SWISH.
+        return x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0)
+    if act.name == "silu":
+        # LOGISTIC on its fixed grid, then MUL.
+        return x * em.fixed(tf.sigmoid(x), Fixed(*activations.get("sigmoid").output_range))
+    return {"sigmoid": tf.sigmoid, "tanh": tf.tanh,
+            "softmax": lambda v: tf.nn.softmax(v, axis=-1)}[act.name](x)
+
+
+def affine(layer, inputs, em, consts):
+    """A BatchNormalization (not folded), Rescaling or Normalization, or its `Int8Affine`:
+    a depthwise multiply-add in the integer model (`int8_activations.int8_affine`)."""
+    if em.mode == "observe":
+        return layer(inputs[0], training=False)
+    if em.mode == "float":
+        return inputs[0] * consts["f"] + consts["offset"]
+    return _multiply_add(inputs[0], em, consts["f"], consts["offset"])
+
+
+def multiply(layer, inputs, em, consts):
+    return inputs[0] * inputs[1]
 
 
 def add(layer, inputs, em, consts):
@@ -180,9 +172,12 @@ def group_normalization(layer, inputs, em, consts):
 
 
 EMITTERS = (
-    (keras.layers.ReLU, relu),
+    (keras.layers.ReLU, activation),
     (keras.layers.Activation, activation),
+    (int8_activations.Int8Activation, activation),
+    (kinds.AFFINE_TYPES + (int8_activations.Int8Affine,), affine),
     (keras.layers.Add, add),
+    (keras.layers.Multiply, multiply),
     (keras.layers.Concatenate, concatenate),
     (keras.layers.ZeroPadding2D, zero_padding),
     (keras.layers.MaxPooling2D, max_pooling),

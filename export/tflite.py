@@ -1,6 +1,7 @@
 """Full-integer TFLite export of a trained fake-quant model.
 
     python -m export.tflite RUN_DIR --out model.tflite
+    python -m export.tflite RUN_DIR --out model.tflite --weight_storage=int4
     python -m export.tflite model.keras --out model.tflite --dataset rotated_mnist_5k \
         --test_domains 0
 
@@ -9,9 +10,10 @@ fake-quant on every other tensor from ranges seen on a representative sample of 
 domains) and converted without a representative dataset: every scale is already in the graph.
 A run directory supplies the sample through its flags.json; a bare .keras file needs the data
 options, or `--random_representative` (random images: ranges that fit no real input).
+`--weight_storage=int4` stores the learned kernels whose integers fit in 4 bits as INT4
+(`export.int4`).
 Nothing is written unless the whole export succeeds, and the .tflite is written atomically.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -21,9 +23,12 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from export import int4
 from export.graph import ExportGraph
-from fqat_tf import defaults, int8_storage, rundir
+from fqat_tf import cli, defaults, int8_storage, rundir
 from fqat_tf.errors import UserError
+
+WEIGHT_STORAGES = ("int8", "int4")
 
 FLAG_KEYS = ("dataset", "data_dir", "test_domains", "seed", "holdout_fraction",
              "batch_per_domain")
@@ -47,6 +52,8 @@ class ExportResult:
       ranges: `{tensor: (min, max)}` of the range-quantized tensors, as converted.
       trained_ranges: how many of them the model trained itself (int8 storage); the others
         come from the representative data.
+      weight_storage: "int8", or "int4" with `int4` saying which kernels are.
+      int4: the `export.int4.Int4Result` of an int4 export (without its flatbuffer), or None.
     """
 
     tflite: bytes
@@ -55,12 +62,19 @@ class ExportResult:
     moved_weights: dict
     ranges: dict
     trained_ranges: int = 0
+    weight_storage: str = "int8"
+    int4: object = None
 
     def summary(self):
         """The result as a JSON-friendly dict, without the flatbuffer and the ranges."""
-        return {"bytes": len(self.tflite), "float_layers": self.float_layers,
-                "requantized": self.requantized, "moved_weights": self.moved_weights,
-                "range_tensors": len(self.ranges), "trained_ranges": self.trained_ranges}
+        out = {"bytes": len(self.tflite), "float_layers": self.float_layers,
+               "requantized": self.requantized, "moved_weights": self.moved_weights,
+               "range_tensors": len(self.ranges), "trained_ranges": self.trained_ranges,
+               "weight_storage": self.weight_storage}
+        if self.int4 is not None:
+            out.update({"int4_kernels": self.int4.int4, "int8_kernels": self.int4.int8,
+                        "int4_outside_xnnpack": self.int4.builtin})
+        return out
 
 
 def _images(element):
@@ -108,7 +122,8 @@ def _to_tflite(graph, mode, ranges, int8_io):
 
 
 def export(model, representative_data, *, int8_io=True, allow_float=False,
-           max_batches=defaults.EXPORT_REPRESENTATIVE_BATCHES):
+           max_batches=defaults.EXPORT_REPRESENTATIVE_BATCHES,
+           weight_storage=defaults.EXPORT_WEIGHT_STORAGE):
     """Converts a fake-quant Keras model to a full-integer TFLite model.
 
     Args:
@@ -118,6 +133,8 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
       int8_io: int8 model input and output (True) or float ones with (de)quantize ops inside.
       allow_float: leave layers with no integer lowering float instead of raising.
       max_batches: batches taken from `representative_data` (None: all).
+      weight_storage: "int8", or "int4" to store the kernels whose integers fit in 4 bits
+        as INT4 (`export.int4`; the others stay int8 and are reported).
 
     Returns:
       An `ExportResult`.
@@ -125,14 +142,22 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     Raises:
       export.graph.UnsupportedLayerError: a layer cannot be kept integer (and `allow_float`
         is False).
-      ExportError: the representative data is empty.
+      ExportError: the representative data is empty, or `weight_storage` is unknown.
     """
+    if weight_storage not in WEIGHT_STORAGES:
+        raise ExportError(f"weight_storage={weight_storage!r}: choose from {WEIGHT_STORAGES}")
     graph = ExportGraph(model, allow_float=allow_float)
     ranges = graph.align_ranges(observe_ranges(graph, representative_data, max_batches))
     ranges.update(graph.stored_ranges)
     tflite = _to_tflite(graph, "int8", ranges, int8_io)
+    packed = None
+    if weight_storage == "int4":
+        packed = int4.pack_int4_weights(tflite)
+        tflite = packed.tflite
+        packed = dataclasses.replace(packed, tflite=b"")
     return ExportResult(tflite, list(graph.float_layers), graph.requantized,
-                        graph.moved_weights, ranges, len(graph.stored_ranges))
+                        graph.moved_weights, ranges, len(graph.stored_ranges), weight_storage,
+                        packed)
 
 
 def convert(model, representative_data, *, int8_io=True, allow_float=False,
@@ -199,8 +224,11 @@ def representative_batches(flags, num_batches=defaults.EXPORT_REPRESENTATIVE_BAT
     return [x.numpy() for x, _ in stream.take(num_batches)]
 
 
+PROG = "export.tflite"
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m export.tflite", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m export.tflite", description=__doc__.split("\n")[0])
     p.add_argument("source", help="run directory (model.keras + flags.json) or a .keras file")
     p.add_argument("--out", required=True, help="the .tflite file to write")
     p.add_argument("--io", choices=("int8", "float"), default=defaults.EXPORT_IO,
@@ -209,6 +237,9 @@ def _parse(argv):
                    default=defaults.EXPORT_REPRESENTATIVE_BATCHES)
     p.add_argument("--allow_float", action="store_true",
                    help="leave layers with no integer lowering float (they are reported)")
+    p.add_argument("--weight_storage", choices=WEIGHT_STORAGES,
+                   default=defaults.EXPORT_WEIGHT_STORAGE,
+                   help="int4: learned kernels whose integers fit in 4 bits as INT4 tensors")
     data = p.add_argument_group("data for a bare .keras file (a run directory has flags.json)")
     data.add_argument("--dataset")
     data.add_argument("--data_dir")
@@ -249,27 +280,25 @@ def _source(args):
     return args.source, None
 
 
-def main(argv=None):
-    args = _parse(argv)
+def _run(args):
+    model_path, flags = _source(args)
+    model = load_model(model_path)
+    if flags is None:
+        print("WARNING: --random_representative: activation ranges come from random "
+              "images, not from the training domains; the model will be inaccurate.",
+              file=sys.stderr)
+        rng = np.random.default_rng(0)
+        shape = (defaults.BATCH_PER_DOMAIN,) + tuple(model.inputs[0].shape[1:])
+        batches = [rng.normal(size=shape).astype(np.float32)
+                   for _ in range(args.representative_batches)]
+    else:
+        batches = representative_batches(flags, args.representative_batches)
     try:
-        model_path, flags = _source(args)
-        model = load_model(model_path)
-        if flags is None:
-            print("WARNING: --random_representative: activation ranges come from random "
-                  "images, not from the training domains; the model will be inaccurate.",
-                  file=sys.stderr)
-            rng = np.random.default_rng(0)
-            shape = (defaults.BATCH_PER_DOMAIN,) + tuple(model.inputs[0].shape[1:])
-            batches = [rng.normal(size=shape).astype(np.float32)
-                       for _ in range(args.representative_batches)]
-        else:
-            batches = representative_batches(flags, args.representative_batches)
         result = export(model, batches, int8_io=args.io == "int8",
-                        allow_float=args.allow_float, max_batches=None)
-    except (ExportError, ValueError) as e:
-        # ValueError: a model the exporter cannot take (UnsupportedLayerError is one).
-        print(f"export.tflite: error: {e}", file=sys.stderr)
-        return 1
+                        allow_float=args.allow_float, max_batches=None,
+                        weight_storage=args.weight_storage)
+    except ValueError as e:          # a model the exporter cannot take (not a defect)
+        raise ExportError(str(e)) from None
     rundir.atomic_write(args.out, result.tflite, mode="wb")
     print(json.dumps({"out": args.out, **result.summary()}, indent=2, sort_keys=True))
     if result.float_layers:
@@ -277,8 +306,13 @@ def main(argv=None):
     if result.ranges and not result.trained_ranges:
         print("NOTE: the model was trained without the int8 model's 8-bit storage, so the two "
               "differ where it stores a tensor the model kept float; train with --int8_storage "
-              "(export.storage) for an export that matches it", file=sys.stderr)
+              "(fqat_tf.storage) for an export that matches it", file=sys.stderr)
     return 0
+
+
+def main(argv=None):
+    args = _parse(argv)
+    return cli.run(PROG, lambda: _run(args), args.verbosity)
 
 
 if __name__ == "__main__":

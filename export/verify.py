@@ -7,7 +7,6 @@ model on the run's test domain(s), and reports top-1 agreement, both accuracies 
 logit difference in steps of the int8 output. Fails (exit 1) when a tensor other than the
 model's declared input and output is float, or when the agreement is below `--min_agreement`.
 """
-import argparse
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import sys
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from fqat_tf import defaults, rundir
+from fqat_tf import cli, defaults, rundir
 
 _FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
@@ -135,7 +134,7 @@ def verify(tflite_path, model, dataset, *, max_batches=None):
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m export.verify", description=__doc__.split("\n")[0])
     p.add_argument("tflite", help="the exported .tflite file")
     p.add_argument("run_dir", help="the run directory it was exported from")
     p.add_argument("--batch_size", type=int, default=defaults.EXPORT_VERIFY_BATCH)
@@ -146,30 +145,27 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def _run(args):
     from export import tflite as export_lib
 
-    args = _parse(argv)
-    try:
-        if not os.path.isfile(args.tflite):
-            raise export_lib.ExportError(f"{args.tflite}: no such .tflite file")
-        if not os.path.isdir(args.run_dir):
-            raise export_lib.ExportError(f"{args.run_dir}: no such run directory")
-        if args.batch_size < 1:
-            raise export_lib.ExportError(f"--batch_size={args.batch_size}: must be >= 1")
-        flags = export_lib.read_flags(args.run_dir)
-        model = export_lib.load_model(os.path.join(args.run_dir, rundir.MODEL))
-        from fqat_tf import data
+    if not os.path.isfile(args.tflite):
+        raise export_lib.ExportError(f"{args.tflite}: no such .tflite file")
+    if not os.path.isdir(args.run_dir):
+        raise export_lib.ExportError(f"{args.run_dir}: no such run directory")
+    if args.batch_size < 1:
+        raise export_lib.ExportError(f"--batch_size={args.batch_size}: must be >= 1")
+    flags = export_lib.read_flags(args.run_dir)
+    model = export_lib.load_model(os.path.join(args.run_dir, rundir.MODEL))
+    from fqat_tf import data
 
-        streams = data.eval_streams(export_lib.load_splits(flags), args.batch_size)["test"]
-        if not streams:
-            raise export_lib.ExportError(f"{args.run_dir}: the run has no test domain")
-        report = {}
-        for domain, ds in streams.items():
-            report[domain] = verify(args.tflite, model, ds, max_batches=args.max_batches)
-    except (export_lib.ExportError, ValueError) as e:
-        print(f"export.verify: error: {e}", file=sys.stderr)
-        return 1
+    streams = data.eval_streams(export_lib.load_splits(flags), args.batch_size)["test"]
+    if not streams:
+        raise export_lib.ExportError(f"{args.run_dir}: the run has no test domain")
+    try:
+        report = {domain: verify(args.tflite, model, ds, max_batches=args.max_batches)
+                  for domain, ds in streams.items()}
+    except ValueError as e:          # an empty domain, a .tflite it cannot read
+        raise export_lib.ExportError(str(e)) from None
     print(json.dumps(report, indent=2, sort_keys=True))
     failed = [f"{d}: float tensors {r['float_tensors']}" for d, r in report.items()
               if r["float_tensors"]]
@@ -185,6 +181,11 @@ def main(argv=None):
                   "storage; train it with --int8_storage for an export that matches it",
                   file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv=None):
+    args = _parse(argv)
+    return cli.run("export.verify", lambda: _run(args), args.verbosity)
 
 
 if __name__ == "__main__":

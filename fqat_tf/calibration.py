@@ -194,7 +194,7 @@ def calibrate_scales(qmodel, dataset, num_batches=defaults.CALIBRATION_BATCHES,
     wrappers = {w.name: w for w in quantize_wrappers(qmodel)}
     result = {name: {} for name in wrappers}
     weighted = [w for w in wrappers.values() if w.quantize_config.weight_quantizer is not None]
-    steps = [_fit_steps(lambda w=w: iter([[w.layer.kernel.value]]),
+    steps = [_fit_steps(lambda w=w: iter([[w.kernel_view()]]),
                         [w.quantize_config.weight_quantizer], method, num_candidates)[0]
              for w in weighted]
     for w, step in zip(weighted, steps):

@@ -136,6 +136,9 @@ SWEEP_CHECK_PARALLEL = 4
 # the training stream (one block per training domain, evaluation transform, no augmentation).
 EXPORT_REPRESENTATIVE_BATCHES = 4
 EXPORT_IO = "int8"               # type of the TFLite model's input and output: "int8" | "float"
+# Storage of the learned kernels whose integers fit in 4 bits: "int8" | "int4" (two a byte;
+# LiteRT's XNNPACK delegate runs only FULLY_CONNECTED with them, export/int4.py).
+EXPORT_WEIGHT_STORAGE = "int8"
 EXPORT_MIN_AGREEMENT = 0.99      # export.verify fails below this top-1 agreement with Keras
 EXPORT_VERIFY_BATCH = 64         # images per interpreter call in export.verify
 LATENCY_RUNS = 100               # timed single-image runs per setting (the median is reported)

@@ -7,8 +7,9 @@ alone (a residual branch before its sum, a block output also read by the identit
 the pooled features, the logits, GroupNorm's statistics). At 3 and 4 bits a model is sensitive
 enough that this storage alone changes several percent of its predictions. Training with the
 storage simulated (as tfmot's 8-bit scheme does for every tensor) makes the Keras model the
-integer model up to rounding ties: `export.storage.int8_storage_model` inserts the layers of
-this module where `export.graph` would store a tensor on a range of its own.
+integer model up to rounding ties: `fqat_tf.storage.int8_storage_model` inserts the layers of
+this module where the model's `fqat_tf.storage.StoragePlan` stores a tensor on a range of its
+own.
 
 * `RangeQuantize`: 8-bit fake quantization on a `[min, max]` range, the moving average of the
   batch extremes in training (tfmot's `MovingAverageQuantizer`), fixed at inference; set first
@@ -111,8 +112,9 @@ class _Range:
                                float(keras.ops.convert_to_numpy(self.max)))
 
 
-class _RangeStateMixin:
-    """Range variables, the `initialized` flag and the calibration switch of a storage layer."""
+class StorageLayerMixin:
+    """Range variables, the `initialized` flag and the calibration switch of a storage layer
+    (`storage_layers` finds the layers that have them)."""
 
     def _set_decay(self, ema_decay):
         if not 0.0 <= float(ema_decay) < 1.0:
@@ -134,13 +136,22 @@ class _RangeStateMixin:
             return "calibrate"
         return "train" if training else None
 
-    def _quantize(self, name, x, mode):
+    def _observe(self, name, x, mode):
+        """Updates range `name` from `x` in calibration or training; returns whether the
+        range is in use (calibrated, or updated just now) as a boolean tensor."""
         initialized = tf.convert_to_tensor(self.initialized) > 0
+        if mode is None:
+            return initialized
+        self._ranges[name].update(x, mode, initialized, self.ema_decay)
+        return tf.constant(True)
+
+    def _quantize(self, name, x, mode):
+        return self._ranges[name].quantize(x, self._observe(name, x, mode))
+
+    def _range(self, name):
+        """The effective `(min, max)` of range `name`, as tensors."""
         rng = self._ranges[name]
-        if mode is not None:
-            rng.update(x, mode, initialized, self.ema_decay)
-            initialized = tf.constant(True)
-        return rng.quantize(x, initialized)
+        return effective_range(tf.convert_to_tensor(rng.min), tf.convert_to_tensor(rng.max))
 
     def _mark_initialized(self, mode):
         if mode is not None:
@@ -155,7 +166,7 @@ class _RangeStateMixin:
 
 
 @keras.saving.register_keras_serializable(package="fqat_tf")
-class RangeQuantize(_RangeStateMixin, keras.layers.Layer):
+class RangeQuantize(StorageLayerMixin, keras.layers.Layer):
     """8-bit fake quantization of its input on a moving-average `[min, max]` range.
 
     Args:
@@ -267,7 +278,7 @@ def fake_quant_constant(values):
 
 
 @keras.saving.register_keras_serializable(package="fqat_tf")
-class Int8GroupNormalization(_RangeStateMixin, keras.layers.GroupNormalization):
+class Int8GroupNormalization(StorageLayerMixin, keras.layers.GroupNormalization):
     """GroupNormalization (channels last, 4-D input) with its int8 lowering simulated.
 
     Same arguments and variables as `keras.layers.GroupNormalization`, plus `ema_decay`.
@@ -307,4 +318,4 @@ class Int8GroupNormalization(_RangeStateMixin, keras.layers.GroupNormalization):
 def storage_layers(model):
     """The `RangeQuantize` and `Int8GroupNormalization` layers of `model` (nested included)."""
     return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, _RangeStateMixin)]
+            if isinstance(layer, StorageLayerMixin)]

@@ -1,11 +1,15 @@
 """`quantize_model`: wrap every conv and dense of a Keras 3 model in a `QuantizeWrapper`.
 
-The default policy (ALGORITHM.md §1): the first conv quantizes only its input (signed), the last
-Dense (the classifier) stays float, every other Conv2D / DepthwiseConv2D / Dense quantizes its
-kernel (signed) and its input. An input is quantized unsigned only where the graph proves it is
-non-negative (it comes from a ReLU, possibly through pooling, padding or an add of such
-tensors); otherwise it is signed, so GroupNorm outputs or normalised images are never clipped at
-zero.
+The default policy (ALGORITHM.md §1): the first conv quantizes only its input (signed), the
+classifier stays float, every other Conv2D / DepthwiseConv2D / Dense quantizes its kernel
+(signed) and its input. The classifier is the last Dense, or in a network without one the conv
+that makes the logits (its output reaches the model output through reshapes and activations
+only, as in MobileNetV3). An input is quantized unsigned only where the graph proves it is
+non-negative (it comes from a ReLU, ReLU6, sigmoid, hard-sigmoid or softmax, possibly through
+pooling, padding or an add or product of such tensors; `fqat_tf.activations` holds the
+bounds); otherwise it is signed, so GroupNorm outputs, hard-swish outputs or normalised images
+are never clipped at zero. The model is first flattened (`fqat_tf.flatten`): nested models
+inlined, activations TFLite cannot fuse moved out of convs into layers of their own.
 """
 import logging
 import re
@@ -13,8 +17,11 @@ import re
 import keras
 import numpy as np
 
+from fqat_tf import activations
 from fqat_tf import defaults
+from fqat_tf import int8_activations
 from fqat_tf import int8_storage
+from fqat_tf.flatten import flatten_model
 from fqat_tf import quant_ops
 from fqat_tf import quantize_configs as qc
 
@@ -22,7 +29,6 @@ log = logging.getLogger(__name__)
 
 QUANTIZABLE_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
 _CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-_NONNEG_ACTIVATIONS = ("relu", "relu6", "sigmoid", "softmax")
 _PASSTHROUGH_TYPES = (
     keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D,
     keras.layers.GlobalMaxPooling2D, keras.layers.Flatten, keras.layers.Reshape,
@@ -30,6 +36,8 @@ _PASSTHROUGH_TYPES = (
     keras.layers.UpSampling2D, keras.layers.Identity)
 _ALL_INPUTS_TYPES = (keras.layers.Add, keras.layers.Concatenate, keras.layers.Maximum,
                      keras.layers.Average, keras.layers.Multiply)
+_SHAPE_TYPES = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.Dropout,
+                keras.layers.Identity, keras.layers.Activation, keras.layers.ReLU)
 
 
 @keras.saving.register_keras_serializable(package="fqat_tf")
@@ -76,7 +84,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         cfg = self.quantize_config
         # Plain attributes (not tracked collections): add_weight already tracks the variables.
         object.__setattr__(self, "_weight_vars", None if cfg.weight_quantizer is None else
-                           cfg.weight_quantizer.build(self, self.layer.kernel.shape, "kernel"))
+                           cfg.weight_quantizer.build(self, self.kernel_view().shape, "kernel"))
         object.__setattr__(self, "_input_vars", None if cfg.input_quantizer is None else
                            cfg.input_quantizer.build(self, input_shape, "input"))
         if self.batchnorm is not None and not self.batchnorm.built:
@@ -98,17 +106,30 @@ class QuantizeWrapper(keras.layers.Wrapper):
         """Input quantizer variables by role (None if the input is float)."""
         return self._input_vars
 
+    def kernel_view(self):
+        """The kernel as its quantizer sees it: one output channel per index of the last axis.
+
+        A depthwise kernel `[kh, kw, in, multiplier]` is viewed as `[kh, kw, 1, in *
+        multiplier]` (TFLite's channel order), so a per-channel step has one value per output
+        channel; other kernels are themselves.
+        """
+        kernel = self.layer.kernel
+        if isinstance(self.layer, keras.layers.DepthwiseConv2D):
+            kh, kw, cin, mult = kernel.shape
+            return keras.ops.reshape(kernel, (kh, kw, 1, cin * mult))
+        return kernel
+
     def quantized_kernel(self):
         """The kernel as the forward pass sees it (fake-quantized, or float)."""
         q = self.quantize_config.weight_quantizer
         kernel = self.layer.kernel
         if q is not None:
-            kq = q(kernel, self._weight_vars)
+            kq = q(self.kernel_view(), self._weight_vars)
             if self.int8_storage and q.signed and q.num_bits == 8:
                 # TFLite's int8 weights are symmetric: the 8-bit grid's -128 is stored as -127.
                 step = keras.ops.convert_to_tensor(self._weight_vars["step"])
                 kq = keras.ops.maximum(kq, -int8_storage.INT8_WEIGHT_MAX * step)
-            return kq
+            return keras.ops.reshape(kq, kernel.shape)
         if self.int8_storage:
             return int8_storage.int8_kernel(
                 kernel, depthwise=isinstance(self.layer, keras.layers.DepthwiseConv2D),
@@ -131,9 +152,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if len(step.shape) == 0:
             return step
         shape = inner.kernel.shape
-        if depthwise:
+        if depthwise and self.quantize_config.weight_quantizer is None:
             return keras.ops.reshape(keras.ops.broadcast_to(step, shape[2:]), [-1])
-        return keras.ops.broadcast_to(step, [shape[-1]])
+        return keras.ops.broadcast_to(step, [self.kernel_view().shape[-1]])
 
     def quantized_bias(self):
         """The bias as the forward pass sees it: on the int32 grid of input step times kernel
@@ -255,17 +276,25 @@ def _is_nonnegative(tensor, _depth=0):
     layer = _producer(tensor)
     if _depth > 64 or isinstance(layer, keras.layers.InputLayer):
         return False
-    if isinstance(layer, keras.layers.ReLU):
-        return float(layer.negative_slope) == 0.0 and (layer.threshold is None
-                                                       or float(layer.threshold) >= 0.0)
-    activation = getattr(layer, "activation", None)
-    if activation is not None and getattr(activation, "__name__", "") in _NONNEG_ACTIVATIONS:
-        return True
+    bounds = activations.bounds(layer)
+    if bounds is not None and activations.of_layer(layer) != "linear":
+        return bounds[0] >= 0.0
     if isinstance(layer, _PASSTHROUGH_TYPES):
         return _is_nonnegative(_input_tensors(layer)[0], _depth + 1)
     if isinstance(layer, _ALL_INPUTS_TYPES):
         return all(_is_nonnegative(t, _depth + 1) for t in _input_tensors(layer))
     return False
+
+
+def _logits_conv(model):
+    """The conv whose output reaches the model output through reshapes and activations only,
+    or None."""
+    if len(model.outputs) != 1:
+        return None
+    layer = _producer(model.outputs[0])
+    while isinstance(layer, _SHAPE_TYPES):
+        layer = _producer(_input_tensors(layer)[0])
+    return layer.name if type(layer) in (keras.layers.Conv2D,) else None
 
 
 def _check_model(model):
@@ -310,7 +339,7 @@ def layer_policies(model, overrides=None):
     convs = [l for l in layers if isinstance(l, _CONV_TYPES)]
     denses = [l for l in layers if isinstance(l, keras.layers.Dense)]
     first_conv = convs[0].name if convs else None
-    classifier = denses[-1].name if denses else None
+    classifier = denses[-1].name if denses else _logits_conv(model)
     specs = {}
     for layer in layers:
         policy = ("input_only" if layer.name == first_conv else
@@ -329,9 +358,8 @@ def layer_policies(model, overrides=None):
             specs[name] = {**specs[name], **_override_spec(spec, pattern)}
     unsupported = [l.name for l in model.layers
                    if type(l) not in QUANTIZABLE_TYPES and l.weights
-                   and not isinstance(l, (keras.layers.BatchNormalization,
-                                          keras.layers.GroupNormalization,
-                                          keras.layers.LayerNormalization))]
+                   and not isinstance(l, int8_activations.AFFINE_TYPES + (
+                       keras.layers.GroupNormalization, keras.layers.LayerNormalization))]
     return specs, unsupported
 
 
@@ -342,7 +370,7 @@ def init_steps(wrapper):
     cfg = wrapper.quantize_config
     if cfg.weight_quantizer is not None:
         q = cfg.weight_quantizer
-        kernel = np.abs(keras.ops.convert_to_numpy(wrapper.layer.kernel))
+        kernel = np.abs(keras.ops.convert_to_numpy(wrapper.kernel_view()))
         axes = tuple(range(kernel.ndim - 1)) if q.per_channel else None
         step = 2.0 * kernel.mean(axis=axes) / np.sqrt(q.qrange[1])
         wrapper.weight_variables["step"].assign(
@@ -369,9 +397,11 @@ def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QU
       quantizer_kwargs: extra quantizer arguments, e.g. `{"delta": 1e-3}` for EWGS.
 
     Returns:
-      A new Keras model with the same layer names, weights copied, steps initialised data-free.
+      A new Keras model with the same layer names (and the activations `fqat_tf.flatten`
+      moves into layers of their own), weights copied, steps initialised data-free.
     """
     _check_model(model)
+    model = flatten_model(model)
     quant_ops.check_bits(weight_bits, "weight_bits")
     quant_ops.check_bits(activation_bits, "activation_bits")
     if act_grad_count not in ("per_example", "per_batch"):

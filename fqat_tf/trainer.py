@@ -28,6 +28,7 @@ from fqat_tf.ewgs import EWGSDeltaCallback
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback
 from fqat_tf.quantize import quantize_model
+from fqat_tf.storage import int8_storage_model
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,6 @@ def _build(s, splits, start_from):
                                               "delta_mode": s["ewgs_delta_mode"]}
                             if s["quantizer"] == "ewgs" else None)
     if s.get("int8_storage"):
-        # The exporter's analysis decides what the integer model stores; imported here so
-        # the core package does not load the export package unless asked to.
-        from export.storage import int8_storage_model
-
         qmodel = int8_storage_model(qmodel)
     return qmodel
 

@@ -126,19 +126,18 @@ def test_storage_model_stores_what_the_exporter_stores_and_copies_the_rest():
     qmodel, smodel, _, _ = _storage_resnet(4)
     names = {l.name for l in smodel.layers if isinstance(l, fqat_tf.RangeQuantize)}
     # The exporter's "range" tensors: each residual branch before the sum, the block output,
-    # the pooled features and the logits. The stem output is read by two quantizers that
-    # calibrated to one grid, so it is stored on that grid.
+    # the pooled features and the logits, and the stem output, which two quantizers read:
+    # their steps train apart, so it is stored on a range of its own even while they agree.
     assert names == {"block_bn2_int8", "downsample_bn_int8", "relu_out_int8", "avgpool_int8",
-                     "classifier_int8"}
+                     "classifier_int8", "relu1_int8"}
     wrappers = fqat_tf.quantize.quantize_wrappers(smodel)
     assert wrappers and all(w.int8_storage for w in wrappers)
     for w in wrappers:
         old = qmodel.get_layer(w.name)
         for a, b in zip(w.weights, old.weights):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
-    # Once the two grids differ (as training makes them), it needs a range of its own.
-    step = qmodel.get_layer("downsample").input_variables["step"]
-    step.assign(step * 1.5)
+    qmodel.get_layer("downsample").input_variables["step"].assign(
+        qmodel.get_layer("block_conv1").input_variables["step"])
     assert "relu1_int8" in {l.name for l in int8_storage_model(qmodel).layers}
     with pytest.raises(ValueError, match="int8 storage layers already"):
         int8_storage_model(smodel)
