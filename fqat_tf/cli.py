@@ -44,6 +44,21 @@ def message(error):
     return str(error).strip() or type(error).__name__
 
 
+def _verbosity_of(value):
+    """The verbosity a `--verbosity` value names: a name, or absl's integer (above 1: debug).
+
+    A value that is neither keeps the default here; the flag parser then refuses it.
+    """
+    if value in VERBOSITIES:
+        return value
+    try:
+        level = int(value)
+    except ValueError:
+        return DEFAULT_VERBOSITY
+    return next((k for k, v in ABSL_LEVELS.items() if v == level),
+                "debug" if level > 1 else "error")
+
+
 def quiet_native_logging(argv):
     """Sets TensorFlow's C++ log level from the `--verbosity` in `argv`, before TF loads.
 
@@ -55,8 +70,7 @@ def quiet_native_logging(argv):
     for arg in argv:
         if arg.startswith("--verbosity="):
             value = arg.split("=", 1)[1]
-            names = {str(v): k for k, v in ABSL_LEVELS.items()}
-            verbosity = value if value in VERBOSITIES else names.get(value, "debug")
+            verbosity = _verbosity_of(value)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", _TF_CPP_LEVELS[verbosity])
     if verbosity == "debug" or "tensorflow" in sys.modules:
         return

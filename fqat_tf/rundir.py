@@ -208,7 +208,7 @@ def run_lock(run_dir, wait=False):
 
     The holder's pid is written into the file. The lock dies with its process, so a killed run
     never leaves a stale lock. If the block raises before the run wrote its settings
-    (flags.json), the lock file, and the folder if this call created it, are removed again, so
+    (flags.json), the lock file, and the folders this call created if empty, are removed again, so
     a run refused on bad input leaves nothing behind.
 
     Args:
@@ -219,7 +219,11 @@ def run_lock(run_dir, wait=False):
     Raises:
         RunError: the run directory is held by another process (`wait=False`), naming its pid.
     """
-    created_dir = not os.path.isdir(run_dir)
+    created_dirs = []  # the folders this call creates, deepest first
+    folder = os.path.abspath(run_dir)
+    while not os.path.isdir(folder):
+        created_dirs.append(folder)
+        folder = os.path.dirname(folder)
     path = os.path.join(run_dir, RUN_LOCK)
     created_lock = not os.path.exists(path)
     held = contextlib.ExitStack()
@@ -240,6 +244,7 @@ def run_lock(run_dir, wait=False):
             if not os.path.exists(os.path.join(run_dir, FLAGS_JSON)):
                 if created_lock:
                     os.unlink(path)
-                if created_dir and not os.listdir(run_dir):
-                    os.rmdir(run_dir)
+                for folder in created_dirs:
+                    if os.path.isdir(folder) and not os.listdir(folder):
+                        os.rmdir(folder)
             raise
