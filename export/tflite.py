@@ -259,6 +259,10 @@ def _source(args):
     out = os.path.abspath(args.out)
     if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
         raise ExportError(f"--out={args.out}: not a file path in an existing folder")
+    owner = rundir.owning_run(out)
+    if owner is not None:
+        raise ExportError(f"--out={args.out}: is one of the files of run directory {owner}; "
+                          f"write the model beside them (e.g. {owner}/model.tflite)")
     if os.path.isdir(args.source):
         model_path = os.path.join(args.source, rundir.MODEL)
         if not os.path.isfile(model_path):

@@ -150,6 +150,13 @@ def _run(args):
 
     if not os.path.isfile(args.tflite):
         raise export_lib.ExportError(f"{args.tflite}: no such .tflite file")
+    with open(args.tflite, "rb") as f:
+        content = f.read()
+    try:
+        _reference_interpreter(content)
+    except ValueError as e:          # checked before the Keras model and the data load
+        raise export_lib.ExportError(f"{args.tflite}: cannot be read as a TFLite model "
+                                     f"({e})") from None
     if not os.path.isdir(args.run_dir):
         raise export_lib.ExportError(f"{args.run_dir}: no such run directory")
     if args.batch_size < 1:

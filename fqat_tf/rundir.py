@@ -52,6 +52,10 @@ FREEZE_PNG = "freeze_timeline.png"
 GRADIENTS_CSV = "gradients.csv"
 GRADIENTS_PNG = "gradients.png"
 RUN_LOCK = "run.lock"
+# What a run writes: its files, and the folders it owns entirely.
+RUN_FILES = (FLAGS_JSON, EVALS, DISORDER_CSV, MODEL, RESULTS, DISORDER_PNG, FREEZE_PNG,
+             GRADIENTS_CSV, GRADIENTS_PNG, RUN_LOCK)
+RUN_FOLDERS = (CHECKPOINTS, TENSORBOARD)
 
 
 class RunError(UserError):
@@ -248,3 +252,22 @@ def run_lock(run_dir, wait=False):
                     if os.path.isdir(folder) and not os.listdir(folder):
                         os.rmdir(folder)
             raise
+
+
+def owning_run(path):
+    """The run directory `path` is one of the own files of (or inside a folder of), else None.
+
+    A run directory is a folder holding flags.json; its own files are `RUN_FILES` and whatever
+    lies under `RUN_FOLDERS`. Other programs use this to refuse writing over a run's files.
+    """
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    if name in RUN_FILES and os.path.isfile(os.path.join(parent, FLAGS_JSON)):
+        return parent
+    folder = parent
+    while os.path.dirname(folder) != folder:
+        above, sub = os.path.split(folder)
+        if sub in RUN_FOLDERS and os.path.isfile(os.path.join(above, FLAGS_JSON)):
+            return above
+        folder = above
+    return None

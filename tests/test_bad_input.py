@@ -225,3 +225,44 @@ def test_divergence_is_reported(tmp_path):
     assert results["diverged"] is True and results["divergence"]
     assert "the run looks diverged" in done.stdout
     assert json.loads(done.stdout.splitlines()[-1])["diverged"] is True
+
+
+# --- export.tflite, export.verify, convert_moco ------------------------------------------------
+
+@pytest.mark.parametrize("target", ["model.keras", "results.json", "checkpoints/m.tflite",
+                                    "tb/m.tflite"])
+def test_export_refuses_an_out_among_a_runs_own_files(finished, target):
+    run = finished["out"]
+    refused([run, "--out", os.path.join(run, target)], 1,
+            f"is one of the files of run directory {run}", folder=run,
+            prefix=(sys.executable, "-m", "export.tflite"), prog="export.tflite")
+
+
+def test_export_names_a_folder_that_is_not_a_run(tmp_path):
+    refused([str(tmp_path), "--out", str(tmp_path / "m.tflite")], 1,
+            f"{tmp_path}: not a run directory (no model.keras)",
+            prefix=(sys.executable, "-m", "export.tflite"), prog="export.tflite")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_then_verify_a_damaged_file(finished, tmp_path):
+    out = tmp_path / "m.tflite"
+    done = _run([finished["out"], "--out", str(out)], (sys.executable, "-m", "export.tflite"))
+    assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
+    # A truncated copy is named by the verifier, not a traceback.
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(out.read_bytes()[:1000])
+    refused([str(bad), finished["out"]], 1, "bad.tflite",
+            prefix=(sys.executable, "-m", "export.verify"), prog="export.verify")
+    refused([str(tmp_path / "absent.tflite"), finished["out"]], 1,
+            "absent.tflite: no such .tflite file",
+            prefix=(sys.executable, "-m", "export.verify"), prog="export.verify")
+
+
+def test_convert_moco_names_a_bad_checkpoint_and_writes_nothing(tmp_path):
+    junk = tmp_path / "junk.pth.tar"
+    junk.write_bytes(b"not a pickle")
+    refused(["--checkpoint", str(junk), "--out", str(tmp_path / "r50.weights.h5")], 1,
+            "junk.pth.tar", prefix=(sys.executable, "-m", "fqat_tf.models.convert_moco"),
+            prog="fqat_tf.models.convert_moco")
+    assert sorted(os.listdir(tmp_path)) == ["junk.pth.tar"]

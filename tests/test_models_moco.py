@@ -221,15 +221,16 @@ def test_pickled_code_is_refused_without_running_it(tmp_path):
     assert not (tmp_path / "executed").exists()
 
 
-def test_cli_reports_errors_and_checks_the_output_name(tmp_path):
-    with pytest.raises(SystemExit, match="convert_moco: error: checkpoint not found"):
-        convert_moco.main(["--checkpoint", str(tmp_path / "nope.pth.tar"),
-                           "--out", str(tmp_path / "x.weights.h5")])
+def test_cli_reports_errors_and_checks_the_output_name(tmp_path, capsys):
+    def refused(checkpoint, out, culprit):
+        code = convert_moco.main(["--checkpoint", str(tmp_path / checkpoint),
+                                  "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1, err
+        assert err[0].startswith(f"{convert_moco.PROG}: error: ") and culprit in err[0], err
+
+    refused("nope.pth.tar", "x.weights.h5", "checkpoint not found")
     (tmp_path / "garbage.pth.tar").write_bytes(b"not a checkpoint" * 4)
-    with pytest.raises(SystemExit, match="refused it"):
-        convert_moco.main(["--checkpoint", str(tmp_path / "garbage.pth.tar"),
-                           "--out", str(tmp_path / "x.weights.h5")])
-    with pytest.raises(SystemExit, match=r"must end in \.weights\.h5"):
-        convert_moco.main(["--checkpoint", str(tmp_path / "garbage.pth.tar"),
-                           "--out", str(tmp_path / "x.h5")])
+    refused("garbage.pth.tar", "x.weights.h5", "refused it")
+    refused("garbage.pth.tar", "x.h5", "must end in .weights.h5")
     assert sorted(os.listdir(tmp_path)) == ["garbage.pth.tar"]

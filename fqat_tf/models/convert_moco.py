@@ -15,7 +15,6 @@ with ``weights_only=True``, which refuses pickled code, and anything that is not
 names to tensors is refused as well. Missing, unexpected or wrongly shaped tensors are all
 reported by name before anything is written, and the output appears atomically.
 """
-import argparse
 import os
 import pickle
 import sys
@@ -24,6 +23,7 @@ import uuid
 import keras
 import numpy as np
 
+from fqat_tf import cli
 from fqat_tf.models.init import InitError
 from fqat_tf.models.resnet import resnet50, torch_module_name
 
@@ -207,22 +207,26 @@ def convert(checkpoint, out, width=64, prefix=MOCO_PREFIX):
     return count
 
 
+PROG = "fqat_tf.models.convert_moco"
+
+
 def main(argv=None):
     """Command-line entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fqat_tf.models.convert_moco",
+    parser = cli.ArgumentParser(
+        prog=f"python -m {PROG}",
         description="Convert a MoCo-v2 ResNet-50 checkpoint to Keras weights.")
     parser.add_argument("--checkpoint", required=True, help="MoCo-v2 .pth.tar")
     parser.add_argument("--out", required=True, help="output .weights.h5")
     parser.add_argument("--width", type=int, default=64, help="ResNet-50 stem width")
     parser.add_argument("--prefix", default=MOCO_PREFIX, help="encoder key prefix")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         count = convert(args.checkpoint, args.out, args.width, args.prefix)
-    except (FileNotFoundError, ImportError, ValueError) as err:
-        raise SystemExit(f"convert_moco: error: {err}") from err
-    print(f"wrote {args.out}: {count} tensors from {args.checkpoint}")
+        print(f"wrote {args.out}: {count} tensors from {args.checkpoint}")
+
+    return cli.run(PROG, body, args.verbosity)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())
