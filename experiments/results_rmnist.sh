@@ -26,6 +26,24 @@ copy() {
     cp "$1" "$2.tmp" && mv "$2.tmp" "$2"
 }
 
+# A committed figure stays under 200 KB: a larger PNG is re-encoded with a 256-colour palette
+# (the same picture; matplotlib writes 24-bit colour), to a temporary name, then renamed.
+shrink() {
+    "$PY" - "$@" <<'PYEOF'
+import os
+import sys
+
+from PIL import Image
+
+for path in sys.argv[1:]:
+    if os.path.getsize(path) > 200_000:
+        image = Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
+        image.save(path + ".tmp", format="PNG", optimize=True)
+        os.replace(path + ".tmp", path)
+        print(f"re-encoded {path} with a palette: {os.path.getsize(path)} bytes")
+PYEOF
+}
+
 echo "== training: ERM stage, the FQAT (K, r) grid, the LSQ+SAGM twin"
 "$PY" -m fqat_tf.sweep --flagfile="$CFG" --sweep_dir="$SWEEP" --test_domains=75 --seeds=0 \
     --grid="$GRID" -- --verbose=0
@@ -60,4 +78,5 @@ echo "== Table 3: scale sensitivity of the FQAT run"
 echo "== Fig. 1, 7, 8: loss landscapes of ERM, LSQ+SAGM and FQAT"
 "$PY" -m fqat_tf.landscape "$ERM_RUN" "$TWIN_RUN" "$FQAT_RUN" --out "$OUT/fig7_landscape.png"
 
+shrink "$OUT"/*.png
 echo "== done in ${SECONDS} s"
