@@ -322,14 +322,38 @@ def _override_spec(spec, name):
                      f"got {type(spec).__name__}")
 
 
-def layer_policies(model, overrides=None):
-    """Default policy per quantizable layer, then regex overrides on layer names.
+def _filter_predicate(filters):
+    """`filters` (as Keras's `Model.quantize` takes them) as a predicate on layers, and the
+    text that names it in errors."""
+    if isinstance(filters, (str, list, tuple)):
+        patterns = [filters] if isinstance(filters, str) else list(filters)
+        if not patterns or not all(isinstance(f, str) for f in patterns):
+            raise ValueError(f"filters must be a regex string, a non-empty list of regex "
+                             f"strings or a callable, got {filters!r}")
+        try:
+            regexes = [re.compile(f) for f in patterns]
+        except re.error as e:
+            raise ValueError(f"filters regex {e.pattern!r} is invalid: {e}") from None
+        return (lambda layer: any(r.search(layer.name) for r in regexes)), f"filters {filters!r}"
+    if callable(filters):
+        name = getattr(filters, "__qualname__", type(filters).__name__)
+        return (lambda layer: bool(filters(layer))), f"filters callable {name}"
+    raise ValueError(f"filters must be a regex string, a list of regex strings or a callable, "
+                     f"got {type(filters).__name__}")
+
+
+def layer_policies(model, overrides=None, filters=None):
+    """Default policy per quantizable layer, regex overrides on layer names, then `filters`.
 
     Args:
       model: a built functional or Sequential model.
       overrides: optional dict `{regex: spec}`; the regex must fully match a layer name; spec is
         a policy name ("full", "input_only", "float"), a dict with any of `policy`,
         `weight_bits`, `activation_bits`, or a `QuantizeConfig`.
+      filters: optional choice of the layers that quantize at all, as Keras's
+        `Model.quantize(filters=...)`: a regex (searched in the layer name), a list of regexes
+        (any one found), or a callable `layer -> bool`. A layer left out stays float, whatever
+        `overrides` say. A filter that selects no quantizable layer is refused.
 
     Returns:
       `(specs, unsupported)`: dict layer name -> spec dict, and names of layers with weights
@@ -356,6 +380,14 @@ def layer_policies(model, overrides=None):
                              f"layers: {sorted(specs)}")
         for name in matched:
             specs[name] = {**specs[name], **_override_spec(spec, pattern)}
+    if filters is not None:
+        keep, described = _filter_predicate(filters)
+        chosen = {l.name for l in layers if keep(l)}
+        if not chosen:
+            raise ValueError(f"{described} selects no quantizable layer; "
+                             f"layers: {sorted(specs)}")
+        specs = {name: spec if name in chosen else {"policy": "float"}
+                 for name, spec in specs.items()}
     unsupported = [l.name for l in model.layers
                    if type(l) not in QUANTIZABLE_TYPES and l.weights
                    and not isinstance(l, int8_activations.AFFINE_TYPES + (
@@ -381,7 +413,7 @@ def init_steps(wrapper):
 
 
 def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QUANTIZER,
-                   per_channel=defaults.PER_CHANNEL, overrides=None,
+                   per_channel=defaults.PER_CHANNEL, overrides=None, filters=None,
                    act_grad_count=defaults.ACT_GRAD_COUNT,
                    weight_grad_count=defaults.WEIGHT_GRAD_COUNT, quantizer_kwargs=None):
     """Returns a fake-quantized copy of `model` for QAT; `model` itself is not modified.
@@ -392,6 +424,9 @@ def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QU
       quantizer: "lsq" or "ewgs".
       per_channel: per-channel kernel steps (last kernel axis).
       overrides: `{layer-name regex: spec}`, see `layer_policies`.
+      filters: the layers that quantize at all (a regex, a list of regexes or a callable
+        `layer -> bool`, as Keras's `Model.quantize`); the others stay float. See
+        `layer_policies`.
       act_grad_count: "per_example" (default) or "per_batch": LSQ's N for activation steps.
       weight_grad_count: "per_tensor" (default) or "per_channel": LSQ's N for kernel steps.
       quantizer_kwargs: extra quantizer arguments, e.g. `{"delta": 1e-3}` for EWGS.
@@ -407,7 +442,7 @@ def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QU
     if act_grad_count not in ("per_example", "per_batch"):
         raise ValueError(f"act_grad_count must be 'per_example' or 'per_batch', "
                          f"got {act_grad_count!r}")
-    specs, unsupported = layer_policies(model, overrides)
+    specs, unsupported = layer_policies(model, overrides, filters)
     configs = {}
     for name, spec in specs.items():
         if "config" in spec:
