@@ -28,10 +28,11 @@ from fqat_tf.methods import METHODS
 from fqat_tf.quantize import QuantizeWrapper, quantize_model, scale_variables
 from fqat_tf.quantizers import EWGSQuantizer, LSQQuantizer
 from fqat_tf.sagm import sagm_gradients
+from fqat_tf.summary import quantization_summary
 
 __version__ = "0.1.0"
 
 __all__ = ["DisorderFreezeCallback", "EWGSQuantizer", "FQATModel", "Int8GroupNormalization",
            "LSQQuantizer", "METHODS", "QuantizeWrapper", "RangeQuantize", "calibrate_ranges",
-           "calibrate_scales", "gradient_disorder", "quantize_model", "sagm_gradients",
-           "scale_variables"]
+           "calibrate_scales", "gradient_disorder", "quantization_summary", "quantize_model",
+           "sagm_gradients", "scale_variables"]
