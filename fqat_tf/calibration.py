@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import defaults, int8_storage
-from fqat_tf.quantize import QuantizeWrapper, quantize_wrappers
+from fqat_tf import defaults, int8_storage, layer_types
+from fqat_tf.wrapper import QuantizeWrapper, quantize_wrappers
 
 METHODS = ("mse", "lsq")
 
@@ -113,10 +113,7 @@ def lsq_step(batches, quantizer):
 
 def _float_probe(qmodel):
     """A model sharing qmodel's float layers that outputs the input of every quantized layer."""
-    from keras.src.models.functional import Functional
-
-    if isinstance(qmodel, keras.Sequential) or not isinstance(qmodel, Functional):
-        qmodel = keras.Model(qmodel.inputs, qmodel.outputs)
+    qmodel = layer_types.functional_view(qmodel, "calibrate_scales")
     taps = {}
 
     def call(layer, *args, **kwargs):

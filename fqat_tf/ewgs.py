@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from fqat_tf import defaults
 from fqat_tf.quant_ops import ewgs_delta_from_hessian, hutchinson_trace
-from fqat_tf.quantize import quantize_wrappers
+from fqat_tf.wrapper import quantize_wrappers
 from fqat_tf.quantizers import EWGSQuantizer
 
 

@@ -11,7 +11,7 @@ have no row.
 import keras
 import numpy as np
 
-from fqat_tf.quantize import quantize_wrappers
+from fqat_tf.wrapper import quantize_wrappers
 from fqat_tf.quantizers import QUANTIZERS
 
 COLUMNS = ("Layer", "Quantized", "W bits", "A bits", "Quantizer", "Weight step", "Input step")

@@ -62,24 +62,37 @@ def test_range_quantize_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_int8_kernel_is_on_its_per_channel_grid_with_a_straight_through_gradient(depthwise):
-    k = tf.constant(np.random.default_rng(0).normal(size=(3, 3, 4, 2 if depthwise else 5)),
-                    tf.float32)
-    scales = int8_storage.int8_kernel_scales(k, depthwise).numpy()
-    assert scales.shape == ((4, 2) if depthwise else (5,))
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_kernel_is_on_its_int8_grid_with_a_straight_through_gradient(per_channel):
+    k = tf.constant(np.random.default_rng(0).normal(size=(3, 3, 4, 5)), tf.float32)
+    scales = int8_storage.abs_max_scales(k, per_channel).numpy()
+    assert scales.shape == ((5,) if per_channel else ())
     with tf.GradientTape() as tape:
         tape.watch(k)
-        q = int8_storage.int8_kernel(k, depthwise)
+        q = int8_storage.int8_kernel(k, per_channel)
         loss = tf.reduce_sum(q * tf.reshape(tf.range(1.0, 1.0 + tf.size(q, tf.float32)),
                                             q.shape))
     ints = q.numpy() / scales
     np.testing.assert_allclose(ints, np.round(ints), atol=1e-4)
-    axes = (0, 1) if depthwise else (0, 1, 2)
+    axes = (0, 1, 2) if per_channel else None
     np.testing.assert_allclose(np.abs(np.round(ints)).max(axis=axes), 127)
     assert np.abs(q.numpy() - k.numpy()).max() <= scales.max() / 2 + 1e-7
     np.testing.assert_allclose(tape.gradient(loss, k).numpy().reshape(-1),
                                np.arange(1.0, 1.0 + k.numpy().size))
+
+
+def test_abs_max_scales_serve_numpy_and_tensors():
+    k = np.zeros((1, 1, 2, 3), np.float32)
+    k[0, 0, 0] = [-2.54, 0.0, 1.27]
+    k[0, 0, 1] = [1.0, 0.0, -0.5]
+    # numpy gives float64 (the exporter's arithmetic), tensors their own dtype: hand values.
+    np.testing.assert_allclose(int8_storage.abs_max_scales(k),
+                               [2.54 / 127, 1e-12 / 127, 1.27 / 127], rtol=1e-6)
+    assert int8_storage.abs_max_scales(k).dtype == np.float64
+    np.testing.assert_allclose(int8_storage.abs_max_scales(tf.constant(k)).numpy(),
+                               [2.54 / 127, 1e-12 / 127, 1.27 / 127], rtol=1e-6)
+    np.testing.assert_allclose(int8_storage.abs_max_scales(k, per_channel=False), 2.54 / 127,
+                               rtol=1e-6)
 
 
 def test_saturating_rsqrt_is_infinite_at_zero_with_a_zero_gradient():
