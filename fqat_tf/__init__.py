@@ -38,5 +38,5 @@ __version__ = "0.1.0"
 
 __all__ = ["DisorderFreezeCallback", "EWGSQuantizer", "FQATModel", "Int8Activation", "Int8Affine",
            "Int8GroupNormalization", "LSQQuantizer", "METHODS", "QuantizeWrapper", "RangeQuantize",
-           "calibrate_ranges", "calibrate_scales", "gradient_disorder", "quantization_summary", "quantize_model",
-           "sagm_gradients", "scale_variables"]
+           "calibrate_ranges", "calibrate_scales", "gradient_disorder", "quantization_summary",
+           "quantize_model", "sagm_gradients", "scale_variables"]

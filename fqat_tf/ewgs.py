@@ -29,7 +29,8 @@ def hutchinson_trace(loss_fn, variables, num_samples=1, seed=None):
     Returns:
       List of scalar tensors, one trace estimate per variable.
     """
-    gen = tf.random.Generator.from_seed(seed) if seed is not None else tf.random.get_global_generator()
+    gen = (tf.random.Generator.from_seed(seed) if seed is not None
+           else tf.random.get_global_generator())
     totals = [tf.zeros([], tf.float32) for _ in variables]
     for _ in range(num_samples):
         probes = [tf.cast(2 * gen.uniform(tf.shape(v), 0, 2, dtype=tf.int32) - 1, tf.float32)
