@@ -1,4 +1,4 @@
-"""EWGS's Hessian-based delta (Lee et al. 2021, §3.3; ALGORITHM.md §1, `--ewgs_delta_mode`).
+"""EWGS's Hessian-based delta (Lee et al. 2021, §3.3; docs/algorithm.md §1, `--ewgs_delta_mode`).
 
 EWGS scales the straight-through gradient by `1 + delta * sign(g) * d`; the paper sets delta
 per layer from the curvature of the loss, `delta = Tr(H)/N / G` with `G = 3 std(g)`, refreshed

@@ -1,4 +1,4 @@
-"""Fake-quantization maths: LSQ and EWGS with hand-written gradients (ALGORITHM.md §1).
+"""Fake-quantization maths: LSQ and EWGS with hand-written gradients (docs/algorithm.md §1).
 
 Both quantizers compute the symmetric uniform grid `q(v; s) = s * round(clip(v / s, l, u))`
 with a learnable step `s > 0`, and differ only in the gradient they pass to `v`:

@@ -1,6 +1,6 @@
 """`quantize_model`: wrap every conv and dense of a Keras 3 model in a `QuantizeWrapper`.
 
-The default policy (ALGORITHM.md §1): the first conv quantizes only its input (signed), the
+The default policy (docs/algorithm.md §1): the first conv quantizes only its input (signed), the
 classifier stays float, every other Conv2D / DepthwiseConv2D / Dense quantizes its kernel
 (signed) and its input. The classifier is the last Dense, or in a network without one the conv
 that makes the logits (its output reaches the model output through reshapes and activations

@@ -11,7 +11,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import fqat_tf
 from export import int4, tflite as export_lib, verify as verify_lib
-from helpers import compile_fit, make_model_run, storage_resnet, task
+import helpers
+from helpers import compile_fit, make_model_run, task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ def test_pack_puts_the_first_value_in_the_low_nibble():
 
 @pytest.fixture(scope="module")
 def storage_resnet():
-    _, smodel, x, y = storage_resnet(4)
+    _, smodel, x, y = helpers.storage_resnet(4)
     batches = [x[:128], x[128:256]]
     fqat_tf.calibrate_scales(smodel, batches, num_batches=2)
     fqat_tf.calibrate_ranges(smodel, batches, num_batches=2)

@@ -1,4 +1,4 @@
-"""The two-pass gradient against independent references (ALGORITHM.md §2)."""
+"""The two-pass gradient against independent references (docs/algorithm.md §2)."""
 import keras
 import numpy as np
 import pytest
