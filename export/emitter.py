@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from export import fold
-from fqat_tf import int8_storage
+from fqat_tf import int8_storage, quant_ops
 from fqat_tf.storage import Fixed, Range, Spec
 
 
@@ -82,7 +82,7 @@ class Emitter:
         if self.mode == "float":
             return x
         if self.mode == "observe":
-            return tf.round(tf.clip_by_value(x / s, spec.lo, spec.hi)) * s
+            return quant_ops.grid_quantize(x, s, spec.lo, spec.hi)
         if not on_grid and layout.clip_hi:
             x = tf.minimum(x, spec.hi * s)
         if requantize:
@@ -158,7 +158,9 @@ class Emitter:
         f = np.asarray(f, np.float32)
         k = tf.constant(f.reshape(1, 1, 1, -1))
         if self.mode == "int8":
-            limit = np.maximum(np.abs(f), np.float32(int8_storage.MIN_WEIGHT_SCALE))
+            # 127 steps of the int8 scale: |f| itself (as float32, exactly), the floor aside.
+            scales = int8_storage.abs_max_scales(f.reshape(1, -1))
+            limit = (scales * int8_storage.INT8_WEIGHT_MAX).astype(np.float32)
             k = tf.quantization.fake_quant_with_min_max_vars_per_channel(
                 k, -limit, limit, num_bits=8, narrow_range=True)
         return tf.reshape(k, [1, 1, -1, 1])

@@ -17,6 +17,7 @@ Conv2D or Dense, `in * multiplier` of a DepthwiseConv2D (whose Keras kernel is
 import keras
 import numpy as np
 
+from fqat_tf import affine, quant_ops
 # TFLite's int8 weights are symmetric, zero point 0, in [-127, 127] (its quantization spec);
 # a weight scale is never zero (an all-zero channel would otherwise give scale 0).
 from fqat_tf.int8_storage import INT8_WEIGHT_MAX, MIN_WEIGHT_SCALE
@@ -41,7 +42,8 @@ def on_kernel(channels, kernel_shape, depthwise):
 
 
 def batchnorm_affine(bn, rank):
-    """The inference-mode affine map `(f, offset)` of a Keras BatchNormalization layer.
+    """The inference-mode affine map `(f, offset)` of a Keras BatchNormalization layer
+    (`fqat_tf.affine.batchnorm_affine`, in float64), checked to act on the channel axis.
 
     Args:
       bn: a built `keras.layers.BatchNormalization` normalising the last axis.
@@ -57,14 +59,7 @@ def batchnorm_affine(bn, rank):
     if len(axes) != 1 or axes[0] not in (-1, rank - 1):
         raise ValueError(f"BatchNormalization {bn.name!r}: only the last (channel) axis can be "
                          f"folded, got axis={bn.axis!r}")
-    mean = keras.ops.convert_to_numpy(bn.moving_mean).astype(np.float64)
-    var = keras.ops.convert_to_numpy(bn.moving_variance).astype(np.float64)
-    gamma = (np.ones_like(mean) if bn.gamma is None
-             else keras.ops.convert_to_numpy(bn.gamma).astype(np.float64))
-    beta = (np.zeros_like(mean) if bn.beta is None
-            else keras.ops.convert_to_numpy(bn.beta).astype(np.float64))
-    f = gamma / np.sqrt(var + float(bn.epsilon))
-    return f, beta - mean * f
+    return tuple(keras.ops.convert_to_numpy(v) for v in affine.batchnorm_affine(bn, "float64"))
 
 
 def fold_batchnorm(kernel, bias, f, offset, depthwise=False):
@@ -102,7 +97,7 @@ def grid_integers(kernel_q, step, num_bits):
     """
     ratio = np.asarray(kernel_q, np.float64) / np.asarray(step, np.float64)
     ints = np.round(ratio)
-    lo, hi = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+    lo, hi = quant_ops.quant_range(num_bits, signed=True)
     if ints.size and (np.abs(ratio - ints).max() > 1e-3 or ints.min() < lo or ints.max() > hi):
         raise ValueError(f"kernel is not on the {num_bits}-bit grid of its step")
     return ints
@@ -129,14 +124,3 @@ def folded_grid_kernel(ints, step, f, depthwise=False):
     signed = ints * on_kernel(np.where(f < 0, -1.0, 1.0), shape, depthwise)
     kernel = signed * on_kernel(scales, shape, depthwise)
     return kernel, scales, int(np.sum(np.abs(signed) > INT8_WEIGHT_MAX))
-
-
-def max_abs_scales(kernel, depthwise=False, per_channel=True):
-    """Symmetric 8-bit scales `max|W| / 127` of a float kernel, per channel or per tensor."""
-    k = np.abs(np.asarray(kernel, np.float64))
-    if not per_channel:
-        return np.maximum(k.max(initial=0.0), MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
-    if depthwise:
-        k = k.reshape(k.shape[0], k.shape[1], -1)
-    m = k.reshape(-1, k.shape[-1]).max(axis=0)
-    return np.maximum(m, MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX

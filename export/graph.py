@@ -30,7 +30,8 @@ import numpy as np
 from export import fold, layers as emit
 from export.emitter import Emitter, Layout
 from fqat_tf import int8_storage
-from fqat_tf.quantize import QuantizeWrapper
+from fqat_tf import quantize_configs as qc
+from fqat_tf.wrapper import QuantizeWrapper
 from fqat_tf.storage import kinds
 from fqat_tf.storage.plan import (INPUT_KEY, Fixed, Range, Spec, StoragePlan,
                                   UnsupportedLayerError)
@@ -159,7 +160,8 @@ class ExportGraph:
                            as_conv=dense and not per_tensor, moved=moved)
         if bn is not None:
             kernel, bias = fold.fold_batchnorm(kernel, bias, f, offset, depthwise)
-        return Weights(kernel, bias, fold.max_abs_scales(kernel, depthwise, per_channel=not dense),
+        view = keras.ops.convert_to_numpy(qc.kernel_ops(inner).kernel_view(kernel))
+        return Weights(kernel, bias, int8_storage.abs_max_scales(view, per_channel=not dense),
                        depthwise, False)
 
     def align_ranges(self, ranges):

@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import activations, int8_activations, int8_storage
+from fqat_tf import activations, int8_activations, int8_storage, layer_types
+from fqat_tf.affine import affine_parameters
 from fqat_tf.storage import Fixed, kinds
 from fqat_tf.storage.kinds import activation_name, inner_layer
 
@@ -27,7 +28,7 @@ def constants(layer, input_shapes):
                 for name, v in (("gamma", layer.gamma), ("beta", layer.beta)) if v is not None}
     if kinds.is_affine(layer):
         inner = layer.layer if isinstance(layer, int8_activations.Int8Affine) else layer
-        affine = int8_activations.affine_parameters(inner, int(input_shapes[0][-1]))
+        affine = affine_parameters(inner, int(input_shapes[0][-1]))
         return dict(zip(("f", "offset"), (keras.ops.convert_to_numpy(v) for v in affine)))
     return {}
 
@@ -175,7 +176,7 @@ EMITTERS = (
     (keras.layers.ReLU, activation),
     (keras.layers.Activation, activation),
     (int8_activations.Int8Activation, activation),
-    (kinds.AFFINE_TYPES + (int8_activations.Int8Affine,), affine),
+    (layer_types.AFFINE_TYPES + (int8_activations.Int8Affine,), affine),
     (keras.layers.Add, add),
     (keras.layers.Multiply, multiply),
     (keras.layers.Concatenate, concatenate),

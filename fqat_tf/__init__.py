@@ -23,15 +23,20 @@ if sys.argv[:1] == ["-m"]:
 from fqat_tf.calibration import calibrate_ranges, calibrate_scales
 from fqat_tf.fqat_model import FQATModel
 from fqat_tf.freeze import DisorderFreezeCallback, gradient_disorder
+# Importing the package registers every serializable layer, so a saved model loads after
+# `import fqat_tf` alone.
+from fqat_tf.int8_activations import Int8Activation, Int8Affine
 from fqat_tf.int8_storage import Int8GroupNormalization, RangeQuantize
 from fqat_tf.methods import METHODS
-from fqat_tf.quantize import QuantizeWrapper, quantize_model, scale_variables
+from fqat_tf.quantize import quantize_model
 from fqat_tf.quantizers import EWGSQuantizer, LSQQuantizer
 from fqat_tf.sagm import sagm_gradients
+from fqat_tf.summary import quantization_summary
+from fqat_tf.wrapper import QuantizeWrapper, scale_variables
 
 __version__ = "0.1.0"
 
-__all__ = ["DisorderFreezeCallback", "EWGSQuantizer", "FQATModel", "Int8GroupNormalization",
-           "LSQQuantizer", "METHODS", "QuantizeWrapper", "RangeQuantize", "calibrate_ranges",
-           "calibrate_scales", "gradient_disorder", "quantize_model", "sagm_gradients",
-           "scale_variables"]
+__all__ = ["DisorderFreezeCallback", "EWGSQuantizer", "FQATModel", "Int8Activation", "Int8Affine",
+           "Int8GroupNormalization", "LSQQuantizer", "METHODS", "QuantizeWrapper", "RangeQuantize",
+           "calibrate_ranges", "calibrate_scales", "gradient_disorder", "quantization_summary",
+           "quantize_model", "sagm_gradients", "scale_variables"]

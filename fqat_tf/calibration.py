@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import defaults, int8_storage
-from fqat_tf.quantize import QuantizeWrapper, quantize_wrappers
+from fqat_tf import defaults, int8_storage, layer_types, quant_ops
+from fqat_tf.wrapper import QuantizeWrapper, quantize_wrappers
 
 METHODS = ("mse", "lsq")
 
@@ -26,7 +26,7 @@ def _candidate_errors(v, max_abs, lo, hi, num_candidates, per_channel):
     def err(i):
         s = tf.maximum(tf.cast(i, tf.float32) * max_abs / tf.cast(num_candidates, tf.float32) / hi,
                        defaults.STEP_FLOOR)
-        q = tf.round(tf.clip_by_value(v / s, lo, hi)) * s
+        q = quant_ops.grid_quantize(v, s, lo, hi)
         return tf.reduce_sum(tf.square(v - q), axis=axes)
 
     return tf.map_fn(err, tf.range(1, num_candidates + 1), fn_output_signature=tf.float32)
@@ -39,11 +39,9 @@ def _max_abs(v, per_channel):
 
 def quantization_mse(values, step, num_bits, signed):
     """Mean squared error of quantizing `values` with `step` (numpy; for reports and tests)."""
-    from fqat_tf.quant_ops import quant_range
-
-    lo, hi = quant_range(num_bits, signed)
+    lo, hi = quant_ops.quant_range(num_bits, signed)
     values = np.asarray(values, np.float64)
-    q = np.round(np.clip(values / step, lo, hi)) * step
+    q = quant_ops.grid_quantize(values, step, lo, hi)
     return float(np.mean((values - q) ** 2))
 
 
@@ -106,17 +104,9 @@ def mse_step(batches, quantizer, num_candidates=defaults.CALIBRATION_CANDIDATES)
     return _fit_steps(lambda: ([b] for b in batches), [quantizer], "mse", num_candidates)[0]
 
 
-def lsq_step(batches, quantizer):
-    """LSQ's initial step `2 mean|v| / sqrt(u)` over all batches (per channel if needed)."""
-    return _fit_steps(lambda: ([b] for b in batches), [quantizer], "lsq", None)[0]
-
-
 def _float_probe(qmodel):
     """A model sharing qmodel's float layers that outputs the input of every quantized layer."""
-    from keras.src.models.functional import Functional
-
-    if isinstance(qmodel, keras.Sequential) or not isinstance(qmodel, Functional):
-        qmodel = keras.Model(qmodel.inputs, qmodel.outputs)
+    qmodel = layer_types.functional_view(qmodel, "calibrate_scales")
     taps = {}
 
     def call(layer, *args, **kwargs):

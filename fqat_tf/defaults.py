@@ -37,7 +37,6 @@ INT8_RANGE_EMA_DECAY = 0.99  # QAT stages are short (hundreds to thousands of st
 METHOD = "fqat"
 RHO = 0.05
 ALPHA = 0.001                # 0.0005 for DomainNet
-ALPHA_DOMAINNET = 0.0005
 NORM_EPS = 1e-12
 FREEZE_BN = True             # BN runs on inference statistics in every pass
 LR = 3e-5                    # weights, from {1e-5, 3e-5, 5e-5}
@@ -46,7 +45,6 @@ WEIGHT_DECAY = 1e-4          # 1e-6 for DomainNet
 # torch.optim.Adam(weight_decay) in the reference code; "decoupled": Keras's AdamW-style decay,
 # which at the paper's lr and decay is below float32 resolution (docs/algorithm.md §2).
 WEIGHT_DECAY_MODE = "coupled"
-WEIGHT_DECAY_DOMAINNET = 1e-6
 SCALE_LR = 1e-5
 SCALE_WEIGHT_DECAY = 0.0
 
@@ -65,12 +63,8 @@ FREEZE_GRID = {
 
 # --- DomainBed protocol (ALGORITHM.md §4) ----------------------------------------------------
 ERM_STEPS = 5000             # 15000 for DomainNet
-QAT_STEPS = 20000            # 50000 for DomainNet
-DOMAINNET_ERM_STEPS = 15000
-DOMAINNET_QAT_STEPS = 50000
-DOMAINNET_EVAL_AFTER = 45000
+QAT_STEPS = 20000            # 50000 for DomainNet, evaluated only after 45000
 BATCH_PER_DOMAIN = 32        # 24 for DomainNet
-BATCH_PER_DOMAIN_DOMAINNET = 24
 HOLDOUT_FRACTION = 0.2
 SEEDS = (0, 23)
 IMAGE_SIZE = 224
@@ -97,7 +91,6 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 GROUPNORM_GROUPS = 8
 GROUPNORM_EPSILON = 1e-5
-INIT = "none"                # "none" | "imagenet" (leaks test information) | "mocov2:PATH"
 
 # --- Data pipeline (fqat_tf.data) -------------------------------------------------------------
 EVAL_BATCH_SIZE = 64             # DomainBed's evaluation loaders

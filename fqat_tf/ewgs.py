@@ -1,4 +1,4 @@
-"""EWGS's Hessian-based delta (Lee et al. 2021, §3.3; ALGORITHM.md §1, `--ewgs_delta_mode`).
+"""EWGS's Hessian-based delta (Lee et al. 2021, §3.3; docs/algorithm.md §1, `--ewgs_delta_mode`).
 
 EWGS scales the straight-through gradient by `1 + delta * sign(g) * d`; the paper sets delta
 per layer from the curvature of the loss, `delta = Tr(H)/N / G` with `G = 3 std(g)`, refreshed
@@ -11,9 +11,45 @@ import keras
 import tensorflow as tf
 
 from fqat_tf import defaults
-from fqat_tf.quant_ops import ewgs_delta_from_hessian, hutchinson_trace
-from fqat_tf.quantize import quantize_wrappers
 from fqat_tf.quantizers import EWGSQuantizer
+from fqat_tf.wrapper import quantize_wrappers
+
+
+def hutchinson_trace(loss_fn, variables, num_samples=1, seed=None):
+    """Hutchinson estimate of the Hessian trace of `loss_fn()` restricted to each variable.
+
+    `Tr(H_i) ~= mean_z z^T H_i z` with Rademacher `z`; one Hessian-vector product per probe.
+
+    Args:
+      loss_fn: zero-argument callable returning a scalar loss that depends on `variables`.
+      variables: list of variables (or tensors watched by the caller).
+      num_samples: probes to average.
+      seed: optional integer seed for the probes.
+
+    Returns:
+      List of scalar tensors, one trace estimate per variable.
+    """
+    gen = (tf.random.Generator.from_seed(seed) if seed is not None
+           else tf.random.get_global_generator())
+    totals = [tf.zeros([], tf.float32) for _ in variables]
+    for _ in range(num_samples):
+        probes = [tf.cast(2 * gen.uniform(tf.shape(v), 0, 2, dtype=tf.int32) - 1, tf.float32)
+                  for v in variables]
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = loss_fn()
+            grads = inner.gradient(loss, variables)
+            dot = tf.add_n([tf.reduce_sum(g * z) for g, z in zip(grads, probes)])
+        hvps = outer.gradient(dot, variables)
+        totals = [t + tf.reduce_sum(z * hz) for t, z, hz in zip(totals, probes, hvps)]
+    return [t / num_samples for t in totals]
+
+
+def ewgs_delta_from_hessian(trace, num_elements, grad):
+    """EWGS's delta `Tr(H)/N / (3 * std(g))`, clipped at 0 (Lee et al. 2021, §3.3)."""
+    std = tf.math.reduce_std(tf.cast(grad, tf.float32))
+    delta = tf.cast(trace, tf.float32) / float(num_elements) / (3.0 * std + 1e-12)
+    return tf.maximum(delta, 0.0)
 
 
 def _ewgs_wrappers(qmodel):

@@ -13,24 +13,13 @@ Layers are copied (config and weights); a model that needs none of this is retur
 """
 import keras
 
-from fqat_tf import activations
+from fqat_tf import activations, layer_types
 
 _HARD_SIGMOID_OPS = ("Add", "Multiply")
 
 
 def _is_model(operation):
     return isinstance(operation, keras.Model)
-
-
-def _functional_view(model):
-    """The functional graph of a functional or Sequential model."""
-    from keras.src.models.functional import Functional
-
-    if isinstance(model, Functional) and not isinstance(model, keras.Sequential):
-        return model
-    if not getattr(model, "inputs", None):
-        raise ValueError(f"model {model.name!r} is not built on an Input; it cannot be inlined")
-    return keras.Model(model.inputs, model.outputs, name=model.name)
 
 
 def _nodes(model):
@@ -40,8 +29,7 @@ def _nodes(model):
 
 def _split_activation(layer):
     """The activation to move out of a conv or dense, or None."""
-    if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
-                              keras.layers.Dense)):
+    if not isinstance(layer, layer_types.WEIGHTED_TYPES):
         return None
     name = activations.function_name(layer.activation)
     act = activations.get(name)
@@ -89,7 +77,7 @@ def _rebuild(model, tensors, copied):
     """Calls copies of `model`'s layers on `tensors` (id of the model's tensor -> new tensor);
     returns the new tensors of the model's outputs. `copied`: ids of the layers copied so far
     (a layer called twice shares its weights, which copies would not)."""
-    model = _functional_view(model)
+    model = layer_types.functional_view(model, "inlining a nested model")
     nodes = list(_nodes(model))
     readers = {}
     for node in nodes:
@@ -101,7 +89,7 @@ def _rebuild(model, tensors, copied):
         if node.is_input or isinstance(op, keras.layers.InputLayer) or id(node) in skip:
             continue
         if _is_model(op):
-            inner = _functional_view(op)
+            inner = layer_types.functional_view(op, "inlining a nested model")
             inner_tensors = {id(a): tensors[id(b)]
                              for a, b in zip(inner.inputs, node.input_tensors)}
             for out, new in zip(node.outputs, _rebuild(inner, inner_tensors, copied)):
@@ -143,9 +131,9 @@ def flatten_model(model):
       A functional model with the same inputs, outputs and layer names (plus the moved
       activations), or `model` itself.
     """
-    if not _needs_rewrite(_functional_view(model)):
+    view = layer_types.functional_view(model, "quantize_model")
+    if not _needs_rewrite(view):
         return model
-    view = _functional_view(model)
     inputs = [keras.Input(shape=tuple(t.shape[1:]), dtype=t.dtype,
                           name=t._keras_history.operation.name) for t in view.inputs]
     tensors = {id(a): b for a, b in zip(view.inputs, inputs)}

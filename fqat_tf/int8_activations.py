@@ -11,50 +11,21 @@ where the kernel needs its scale) and compute what those kernels compute
 model. An uncalibrated layer computes the plain float function.
 """
 import keras
-import numpy as np
 import tensorflow as tf
 
 from fqat_tf import activations, defaults, int8_kernels
-from fqat_tf.int8_storage import INT8_WEIGHT_MAX, MIN_WEIGHT_SCALE, StorageLayerMixin
+from fqat_tf.affine import affine_parameters
+from fqat_tf.int8_storage import StorageLayerMixin, abs_max_scales
+from fqat_tf.layer_types import AFFINE_TYPES
 
-AFFINE_TYPES = (keras.layers.BatchNormalization, keras.layers.Rescaling,
-                keras.layers.Normalization)
 # hard_sigmoid(x) = clip(x / 6 + 1/2, 0, 1): a depthwise multiply-add whose int8 output on
 # [0, 1] saturates where the clip does.
 HARD_SIGMOID_AFFINE = (1.0 / 6.0, 0.5)
 
 
-def affine_parameters(layer, channels):
-    """`(f, offset)`, float32 `[channels]` tensors with `layer(x) = x * f + offset` (inference).
-
-    Args:
-      layer: a BatchNormalization, Rescaling or Normalization acting on the last axis.
-      channels: the size of that axis.
-    """
-    ops = keras.ops
-    if isinstance(layer, keras.layers.BatchNormalization):
-        f = ops.rsqrt(ops.convert_to_tensor(layer.moving_variance) + layer.epsilon)
-        if layer.gamma is not None:
-            f = f * layer.gamma
-        offset = -ops.convert_to_tensor(layer.moving_mean) * f
-        if layer.beta is not None:
-            offset = offset + layer.beta
-    elif isinstance(layer, keras.layers.Rescaling):
-        f, offset = (ops.convert_to_tensor(np.asarray(v, np.float32))
-                     for v in (layer.scale, layer.offset))
-    else:
-        f = 1.0 / ops.maximum(ops.sqrt(ops.convert_to_tensor(layer.variance)),
-                              keras.backend.epsilon())
-        offset = -ops.convert_to_tensor(layer.mean) * f
-    shape = [channels]
-    f, offset = (ops.reshape(ops.broadcast_to(ops.cast(v, "float32"), [1] * 3 + shape), shape)
-                 for v in (f, offset))
-    return f, offset
-
-
 def affine_weight_scales(f):
-    """Per-channel int8 weight scales of a depthwise multiply by `f`: `max(|f|, tiny) / 127`."""
-    return tf.maximum(tf.abs(f), MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
+    """Per-channel int8 weight scales of a depthwise multiply by `f` (`[channels]`)."""
+    return abs_max_scales(tf.reshape(f, [1, -1]))
 
 
 def int8_affine(x, f, offset, input_range):

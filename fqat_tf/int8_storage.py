@@ -45,24 +45,30 @@ def effective_range(lo, hi):
     return lo, tf.maximum(hi, lo + MIN_RANGE)
 
 
-def int8_kernel_scales(kernel, depthwise=False, per_channel=True):
-    """Symmetric int8 scales `max|W| / 127` of a float kernel (a tensor), per output channel.
+def abs_max_scales(values, per_channel=True):
+    """Symmetric int8 scales `max|v| / 127`, never below `MIN_WEIGHT_SCALE` (TFLite's weights).
 
-    Channels as TFLite quantizes them: the last axis, or `in * multiplier` of a depthwise kernel
-    (returned shaped `[in, multiplier]`). Never below `MIN_WEIGHT_SCALE`.
+    Args:
+      values: numpy array or tensor, channels on the last axis (a kernel as its quantizer sees
+        it: `QuantizeWrapper.kernel_view`).
+      per_channel: one scale per channel (`[C]`), or one for the whole tensor (a scalar).
+
+    Returns:
+      float64 numpy for numpy `values`, else a tensor of `values`' dtype.
     """
-    k = tf.abs(tf.convert_to_tensor(kernel))
-    if not per_channel:
-        m = tf.reduce_max(k)
-    else:
-        axes = [0, 1] if depthwise else list(range(len(k.shape) - 1))
-        m = tf.reduce_max(k, axis=axes)
+    if isinstance(values, np.ndarray):
+        a = np.abs(values.astype(np.float64))
+        m = a.reshape(-1, a.shape[-1]).max(axis=0) if per_channel else a.max(initial=0.0)
+        return np.maximum(m, MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
+    a = tf.abs(tf.convert_to_tensor(values))
+    m = tf.reduce_max(a, axis=list(range(len(a.shape) - 1))) if per_channel else tf.reduce_max(a)
     return tf.maximum(m, MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
 
 
-def int8_kernel(kernel, depthwise=False, per_channel=True):
-    """`kernel` rounded onto its int8 grid; the gradient passes straight through."""
-    s = tf.stop_gradient(int8_kernel_scales(kernel, depthwise, per_channel))
+def int8_kernel(kernel, per_channel=True):
+    """`kernel` (channels last) rounded onto its int8 grid; the gradient passes straight
+    through."""
+    s = tf.stop_gradient(abs_max_scales(kernel, per_channel))
     q = tf.round(kernel / s) * s
     return kernel + tf.stop_gradient(q - kernel)
 

@@ -1,4 +1,4 @@
-"""Fake-quantization maths: LSQ and EWGS with hand-written gradients (ALGORITHM.md §1).
+"""Fake-quantization maths: LSQ and EWGS with hand-written gradients (docs/algorithm.md §1).
 
 Both quantizers compute the symmetric uniform grid `q(v; s) = s * round(clip(v / s, l, u))`
 with a learnable step `s > 0`, and differ only in the gradient they pass to `v`:
@@ -20,6 +20,7 @@ constraint of `fqat_tf.quantizers`), so `v / s` is always defined.
 """
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from fqat_tf import defaults
@@ -49,6 +50,22 @@ def check_bits(num_bits, what="num_bits"):
                          f"got {num_bits!r}")
 
 
+def grid_round(ratio, lo, hi):
+    """`round(clip(ratio, lo, hi))`: the grid integers of `ratio = v / s`.
+
+    Serves numpy values (float64 arithmetic of reports and export) and tensors alike; both
+    round half to even.
+    """
+    if isinstance(ratio, (np.ndarray, np.generic, float, int)):
+        return np.round(np.clip(ratio, lo, hi))
+    return tf.round(tf.clip_by_value(ratio, lo, hi))
+
+
+def grid_quantize(v, step, lo, hi):
+    """`s * round(clip(v / s, lo, hi))`, the forward pass of every quantizer (`grid_round`)."""
+    return grid_round(v / step, lo, hi) * step
+
+
 def lsq_grad_scale(num_elements, upper):
     """LSQ's step-gradient scale `1 / sqrt(N * u)`; `num_elements` may be a tensor."""
     if isinstance(num_elements, (int, float)):
@@ -71,7 +88,7 @@ def _fake_quant(x, step, num_bits, signed, grad_scale, delta):
     def fq(x, step):
         s = tf.maximum(step, defaults.STEP_FLOOR)
         v = x / s
-        rounded = tf.round(tf.clip_by_value(v, lo, hi))
+        rounded = grid_round(v, lo, hi)
         below, above = v < lo, v > hi
         inside = tf.logical_not(tf.logical_or(below, above))
 
@@ -123,39 +140,3 @@ def ewgs_fake_quant(x, step, *, num_bits, signed, grad_scale, delta):
       The fake-quantized tensor.
     """
     return _fake_quant(x, step, num_bits, signed, grad_scale, delta)
-
-
-def hutchinson_trace(loss_fn, variables, num_samples=1, seed=None):
-    """Hutchinson estimate of the Hessian trace of `loss_fn()` restricted to each variable.
-
-    `Tr(H_i) ~= mean_z z^T H_i z` with Rademacher `z`; one Hessian-vector product per probe.
-
-    Args:
-      loss_fn: zero-argument callable returning a scalar loss that depends on `variables`.
-      variables: list of variables (or tensors watched by the caller).
-      num_samples: probes to average.
-      seed: optional integer seed for the probes.
-
-    Returns:
-      List of scalar tensors, one trace estimate per variable.
-    """
-    gen = tf.random.Generator.from_seed(seed) if seed is not None else tf.random.get_global_generator()
-    totals = [tf.zeros([], tf.float32) for _ in variables]
-    for _ in range(num_samples):
-        probes = [tf.cast(2 * gen.uniform(tf.shape(v), 0, 2, dtype=tf.int32) - 1, tf.float32)
-                  for v in variables]
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                loss = loss_fn()
-            grads = inner.gradient(loss, variables)
-            dot = tf.add_n([tf.reduce_sum(g * z) for g, z in zip(grads, probes)])
-        hvps = outer.gradient(dot, variables)
-        totals = [t + tf.reduce_sum(z * hz) for t, z, hz in zip(totals, probes, hvps)]
-    return [t / num_samples for t in totals]
-
-
-def ewgs_delta_from_hessian(trace, num_elements, grad):
-    """EWGS's delta `Tr(H)/N / (3 * std(g))`, clipped at 0 (Lee et al. 2021, §3.3)."""
-    std = tf.math.reduce_std(tf.cast(grad, tf.float32))
-    delta = tf.cast(trace, tf.float32) / float(num_elements) / (3.0 * std + 1e-12)
-    return tf.maximum(delta, 0.0)

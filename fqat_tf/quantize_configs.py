@@ -1,6 +1,11 @@
 """Quantize configs: which tensor of a layer gets which quantizer (in the spirit of tfmot).
 
-Three configs cover the FQAT policy (ALGORITHM.md §1):
+A config tells the `fqat_tf.wrapper.QuantizeWrapper` everything that depends on the wrapped
+layer: which quantizer its kernel and its input get, and (`kernel_ops`) how that layer type
+shows its kernel to a quantizer and runs with the quantized one. The wrapper itself knows no
+layer type; adding one is one `KERNEL_OPS` entry.
+
+Three configs cover the FQAT policy (docs/algorithm.md §1):
 
 * `WeightInputQuantizeConfig`: a conv or dense quantizes its kernel (signed) and its input.
 * `InputOnlyQuantizeConfig`: the first conv quantizes only its (signed, normalised) input.
@@ -9,6 +14,66 @@ Three configs cover the FQAT policy (ALGORITHM.md §1):
 import keras
 
 from fqat_tf import quantizers as quantizers_lib
+
+
+class KernelOps:
+    """How one weighted layer type runs with a kernel the wrapper gives it.
+
+    `kernel_view` is the kernel as a quantizer sees it, one output channel per index of the
+    last axis; `linear` computes the layer's output before bias and activation.
+    """
+
+    #: TFLite stores this layer's int8 kernel with one scale per output channel.
+    int8_per_channel = True
+
+    def kernel_view(self, kernel):
+        return kernel
+
+    def linear(self, layer, x, kernel):
+        raise NotImplementedError
+
+
+class _ConvOps(KernelOps):
+    def linear(self, layer, x, kernel):
+        return layer.convolution_op(x, kernel)
+
+
+class _DepthwiseOps(KernelOps):
+    def kernel_view(self, kernel):
+        # `[kh, kw, in, multiplier]` as `[kh, kw, 1, in * multiplier]`: TFLite's channel order.
+        kh, kw, cin, mult = kernel.shape
+        return keras.ops.reshape(kernel, (kh, kw, 1, cin * mult))
+
+    def linear(self, layer, x, kernel):
+        return keras.ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                        dilation_rate=layer.dilation_rate,
+                                        data_format=layer.data_format)
+
+
+class _DenseOps(KernelOps):
+    # The converter rejects a per-axis FakeQuant on a Dense kernel (docs/algorithm.md §5).
+    int8_per_channel = False
+
+    def linear(self, layer, x, kernel):
+        return keras.ops.matmul(x, kernel)
+
+
+KERNEL_OPS = {keras.layers.Conv2D: _ConvOps(), keras.layers.DepthwiseConv2D: _DepthwiseOps(),
+              keras.layers.Dense: _DenseOps()}
+
+
+def kernel_ops(layer):
+    """The `KernelOps` of `layer`'s exact type.
+
+    Raises:
+      ValueError: the type has none (subclasses such as SeparableConv2D compute otherwise).
+    """
+    try:
+        return KERNEL_OPS[type(layer)]
+    except KeyError:
+        raise ValueError(f"no quantize config can wrap {type(layer).__name__} (layer "
+                         f"{layer.name!r}); supported: "
+                         f"{[t.__name__ for t in KERNEL_OPS]}") from None
 
 
 def _serialize(quantizer):
@@ -28,6 +93,10 @@ class QuantizeConfig:
     @property
     def is_float(self):
         return self.weight_quantizer is None and self.input_quantizer is None
+
+    def kernel_ops(self, layer):
+        """How `layer` shows its kernel to `weight_quantizer` and runs with the result."""
+        return kernel_ops(layer)
 
     def get_config(self):
         return {"weight_quantizer": _serialize(self.weight_quantizer),

@@ -1,4 +1,5 @@
-"""The two-pass SAGM gradient of FQAT as a pure function (ALGORITHM.md §2, paper Eq. 3, App. A).
+"""The two-pass SAGM gradient of FQAT as a pure function (docs/algorithm.md §2, paper Eq. 3,
+App. A).
 
 `sagm_gradients` runs both passes on one batch and returns every gradient a method needs; the
 methods in `methods.py` only choose how to combine them. It owns no state: the model's weights
@@ -67,7 +68,7 @@ def sagm_gradients(model: keras.Model, x, loss_fn: Callable, theta: Sequence,
                    scales: Sequence = (), masks=None, *, rho: float = defaults.RHO,
                    alpha: float = defaults.ALPHA, two_pass: bool = True, training: bool = False,
                    eps: float = defaults.NORM_EPS) -> SAGMGradients:
-    """The FQAT two-pass gradient (paper Eq. 3 and Appendix A; ALGORITHM.md §2).
+    """The FQAT two-pass gradient (paper Eq. 3 and Appendix A; docs/algorithm.md §2).
 
     1. Pass 1 at (theta, s): L1, g = dL1/dtheta, g_va = dL1/ds.
     2. e = (rho / (||g||_2 + eps) - alpha) * g, the norm over all of theta at once;

@@ -4,6 +4,8 @@ Two logical CPU devices are configured before TensorFlow initialises its runtime
 MirroredStrategy tests can run on a one-CPU machine; every other test uses the default device.
 """
 import os
+import shlex
+import sys
 
 # The programs' own default (fqat_tf.cli): the subprocesses the tests start inherit it, and a
 # CPU-only machine's "failed call to cuInit" is an ERROR line TensorFlow would print at 2.
@@ -17,6 +19,9 @@ import tensorflow as tf  # noqa: E402
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+# Helpers shared by several test modules live in helpers.py (imported as `from helpers import`).
+from helpers import FAKE_TRAIN  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +51,12 @@ def assert_same_bits(a, b):
     assert a.keys() == b.keys() and len(a) > 20
     differ = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not differ, f"{len(differ)} of {len(a)} variables differ, e.g. {differ[:5]}"
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """(--train_command value, calls log) of the stand-in training program
+    (`helpers.FAKE_TRAIN`)."""
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'fake_train.py'))}"
+    return command, str(tmp_path / "calls.jsonl")

@@ -14,19 +14,7 @@ import tensorflow as tf
 
 from fqat_tf import freeze
 from fqat_tf.fqat_model import FQATModel
-from test_sagm import split, toy_quant_model
-
-_STRATEGY = []
-
-
-def mirrored(collective=False):
-    """One MirroredStrategy per process: new ones reuse collective keys and can deadlock."""
-    if collective:
-        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    if not _STRATEGY:
-        _STRATEGY.append(tf.distribute.MirroredStrategy(
-            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()))
-    return _STRATEGY[0]
+from helpers import mirrored, split, toy_quant_model
 
 
 def train(strategy, method, steps=3):

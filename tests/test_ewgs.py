@@ -49,3 +49,15 @@ def test_callback_refreshes_at_start_and_every_interval():
     qmodel.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
     assert [h["step"] for h in cb.history] == [0, 2, 4]
     assert all(set(h["delta"]) == {"hidden", "mid"} for h in cb.history)
+
+
+def test_hutchinson_trace_of_quadratic():
+    # L = 0.5 * w^T diag(a) w has Tr(H) = sum(a); Rademacher probes are exact for diagonal H.
+    a = tf.constant([1.0, 2.0, 3.0, 4.0])
+    w = tf.Variable([0.3, -0.2, 0.1, 0.5])
+    (trace,) = ewgs.hutchinson_trace(lambda: 0.5 * tf.reduce_sum(a * w * w), [w],
+                                          num_samples=2, seed=0)
+    np.testing.assert_allclose(trace.numpy(), 10.0, rtol=1e-6)
+    delta = ewgs.ewgs_delta_from_hessian(trace, 4, tf.constant([1.0, -1.0, 1.0, -1.0]))
+    np.testing.assert_allclose(delta.numpy(), 10.0 / 4 / (3 * 1.0), rtol=1e-5)
+    assert ewgs.ewgs_delta_from_hessian(-1.0, 4, tf.constant([1.0, -1.0])).numpy() == 0.0

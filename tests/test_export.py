@@ -9,57 +9,7 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 import fqat_tf
 from export import fold, tflite as export_lib, verify as verify_lib
 from export.graph import ExportGraph, UnsupportedLayerError, nested_range
-
-NUM_CLASSES = 3
-
-
-def resnet_like():
-    """Padded stem with max pooling, one residual block with a strided 1x1 downsample."""
-    x = keras.Input((16, 16, 3))
-    h = keras.layers.ZeroPadding2D(1, name="stem_pad")(x)
-    h = keras.layers.Conv2D(8, 3, use_bias=False, name="conv1")(h)
-    h = keras.layers.BatchNormalization(name="bn1")(h)
-    h = keras.layers.ReLU(name="relu1")(h)
-    h = keras.layers.MaxPooling2D(2, name="pool1")(h)
-    r = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="block_conv1")(h)
-    r = keras.layers.BatchNormalization(name="block_bn1")(r)
-    r = keras.layers.ReLU(name="block_relu1")(r)
-    r = keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False,
-                            name="block_conv2")(r)
-    r = keras.layers.BatchNormalization(name="block_bn2")(r)
-    d = keras.layers.Conv2D(16, 1, strides=2, use_bias=False, name="downsample")(h)
-    d = keras.layers.BatchNormalization(name="downsample_bn")(d)
-    h = keras.layers.ReLU(name="relu_out")(keras.layers.Add(name="add")([r, d]))
-    h = keras.layers.GlobalAveragePooling2D(name="avgpool")(h)
-    return keras.Model(x, keras.layers.Dense(NUM_CLASSES, name="classifier")(h))
-
-
-def randomize_batchnorm(model, seed):
-    """Moving statistics and affine parameters far from identity, some gammas negative."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.moving_mean.assign(rng.normal(0, 0.3, c).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.3, 3.0, c).astype("float32"))
-            gamma = rng.uniform(0.5, 1.5, c) * np.where(rng.random(c) < 0.25, -1, 1)
-            layer.gamma.assign(gamma.astype("float32"))
-            layer.beta.assign(rng.normal(0, 0.2, c).astype("float32"))
-
-
-def task(n, seed):
-    """Noise images; the class is the channel that carries an extra positive offset."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, NUM_CLASSES, size=n).astype("int32")
-    x = rng.normal(0, 1, size=(n, 16, 16, 3)).astype("float32")
-    x[np.arange(n), :, :, y] += 0.8
-    return x, y
-
-
-def compile_fit(model, x, y, lr, epochs):
-    model.compile(optimizer=keras.optimizers.Adam(lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+from helpers import compile_fit, randomize_batchnorm, resnet_like, task
 
 
 def reference_interpreter(content):

@@ -4,45 +4,16 @@ import json
 import os
 
 import keras
-import numpy as np
 import pytest
 
-import fqat_tf
 from export import tflite as export_cli
 from export import verify as verify_cli
-
-FLAGS = {"dataset": "rotated_mnist_5k", "data_dir": None, "test_domains": ["75"], "seed": 0,
-         "holdout_fraction": 0.2, "batch_per_domain": 4}
-
-
-def tiny_cnn(norm=None):
-    """A 28x28x1 CNN with BatchNorm (or the given normalisation layer) and a 10-way head."""
-    x = keras.Input((28, 28, 1))
-    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="conv1")(x)
-    h = (norm or keras.layers.BatchNormalization(name="bn1"))(h)
-    h = keras.layers.ReLU(name="relu1")(h)
-    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="conv2")(h)
-    h = keras.layers.ReLU(name="relu2")(h)
-    h = keras.layers.GlobalAveragePooling2D(name="avgpool")(h)
-    return keras.Model(x, keras.layers.Dense(10, name="classifier")(h))
-
-
-def make_run(root, model=None, flags=FLAGS):
-    """A run directory as the training program leaves it: model.keras and flags.json."""
-    keras.utils.set_random_seed(0)
-    qmodel = fqat_tf.quantize_model(model or tiny_cnn(), weight_bits=4, activation_bits=4)
-    x = np.random.default_rng(0).uniform(0, 1, size=(16, 28, 28, 1)).astype("float32")
-    fqat_tf.calibrate_scales(qmodel, [x], num_batches=1)
-    os.makedirs(root, exist_ok=True)
-    qmodel.save(os.path.join(root, "model.keras"))
-    with open(os.path.join(root, "flags.json"), "w") as f:
-        json.dump(flags, f)
-    return root
+from helpers import RUN_FLAGS, make_model_run, tiny_cnn
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return make_run(str(tmp_path_factory.mktemp("run") / "qat"))
+    return make_model_run(str(tmp_path_factory.mktemp("run") / "qat"))
 
 
 def test_export_and_verify_a_run_directory(run_dir, tmp_path, capsys):
@@ -75,7 +46,7 @@ def test_export_and_verify_a_run_directory(run_dir, tmp_path, capsys):
     assert "FAIL 75: agreement" in err and "--int8_storage" in err
 
 
-def _bad(tmp_path, name, flags=FLAGS, model_bytes=None):
+def _bad(tmp_path, name, flags=RUN_FLAGS, model_bytes=None):
     root = tmp_path / name
     root.mkdir()
     if model_bytes is not None:
@@ -106,7 +77,7 @@ def test_bad_input_fails_before_writing(run_dir, tmp_path, capsys, case, message
         "no_flags": lambda: _bad(tmp_path, case, flags=None, model_bytes=b"x"),
         "bad_json": lambda: _bad(tmp_path, case, flags="{", model_bytes=b"x"),
         "missing_key": lambda: _bad(tmp_path, case, model_bytes=b"x",
-                                    flags={k: v for k, v in FLAGS.items()
+                                    flags={k: v for k, v in RUN_FLAGS.items()
                                            if k != "batch_per_domain"}),
         "keras_without_data": lambda: os.path.join(run_dir, "model.keras"),
         "out_folder_missing": lambda: run_dir,
@@ -119,7 +90,8 @@ def test_bad_input_fails_before_writing(run_dir, tmp_path, capsys, case, message
 
 
 def test_unsupported_layer_named_then_left_float_on_request(tmp_path, capsys):
-    root = make_run(str(tmp_path / "run"), tiny_cnn(keras.layers.LayerNormalization(name="ln")))
+    root = make_model_run(str(tmp_path / "run"),
+                          tiny_cnn(keras.layers.LayerNormalization(name="ln")))
     out = tmp_path / "m.tflite"
     assert export_cli.main([root, "--out", str(out), "--representative_batches", "1"]) == 1
     err = capsys.readouterr().err

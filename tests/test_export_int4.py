@@ -11,8 +11,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import fqat_tf
 from export import int4, tflite as export_lib, verify as verify_lib
-from test_export import compile_fit, task
-from test_int8_storage import _storage_resnet
+import helpers
+from helpers import compile_fit, make_model_run, task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def test_pack_puts_the_first_value_in_the_low_nibble():
 
 @pytest.fixture(scope="module")
 def storage_resnet():
-    _, smodel, x, y = _storage_resnet(4)
+    _, smodel, x, y = helpers.storage_resnet(4)
     batches = [x[:128], x[128:256]]
     fqat_tf.calibrate_scales(smodel, batches, num_batches=2)
     fqat_tf.calibrate_ranges(smodel, batches, num_batches=2)
@@ -104,9 +104,8 @@ def test_unknown_weight_storage_is_refused(storage_resnet):
 
 
 def test_command_line_writes_an_int4_model(tmp_path):
-    from test_export_cli import make_run
 
-    run = make_run(str(tmp_path / "run"))
+    run = make_model_run(str(tmp_path / "run"))
     outs = {}
     for storage in ("int8", "int4"):
         out = tmp_path / f"{storage}.tflite"

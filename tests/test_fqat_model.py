@@ -9,7 +9,7 @@ import fqat_tf
 from fqat_tf import freeze
 from fqat_tf import methods
 from fqat_tf.fqat_model import FQATModel
-from test_sagm import _np_grads, _np_sagm, smooth_model, split, toy_quant_model
+from helpers import np_grads, np_sagm, smooth_model, split, toy_quant_model
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 RNG = np.random.RandomState(0)
@@ -38,7 +38,7 @@ def test_scale_update_follows_the_mask(mask):
     model.freeze_state.masks.assign([mask])
     W, b, s = _numpy_params(model)
     x, y = X[:8], Y[:8]
-    gW, gb, g_va, g_flat = _np_sagm(W, b, s, x.astype(np.float64), y, "softmax", 0.3, 0.01)
+    gW, gb, g_va, g_flat = np_sagm(W, b, s, x.astype(np.float64), y, "softmax", 0.3, 0.01)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     W1, b1, s1 = _numpy_params(model)
     np.testing.assert_allclose(s1, s - 0.2 * (mask * g_va + g_flat) / 2, rtol=1e-5, atol=1e-7)
@@ -51,7 +51,7 @@ def test_lsq_and_alter_scale_updates():
     x, y = X[:16], Y[:16]
     lsq = _wrap(smooth_model(), "lsq")
     W, b, s = _numpy_params(lsq)
-    _, _, g_va = _np_grads(W, b, s, x[:8].astype(np.float64), y[:8], "softmax")
+    _, _, g_va = np_grads(W, b, s, x[:8].astype(np.float64), y[:8], "softmax")
     lsq.fit(x[:8], y[:8], batch_size=8, verbose=0)
     np.testing.assert_allclose(_numpy_params(lsq)[2], s - 0.2 * g_va, rtol=1e-5)
 
@@ -59,7 +59,7 @@ def test_lsq_and_alter_scale_updates():
     for step in range(2):  # step 0 (even) takes g_va, step 1 (odd) g_flat
         W, b, s = _numpy_params(alter)
         xb, yb = x[8 * step:8 * step + 8].astype(np.float64), y[8 * step:8 * step + 8]
-        _, _, g_va, g_flat = _np_sagm(W, b, s, xb, yb, "softmax", 0.3, 0.0)
+        _, _, g_va, g_flat = np_sagm(W, b, s, xb, yb, "softmax", 0.3, 0.0)
         alter.fit(xb.astype("float32"), yb, batch_size=8, verbose=0)
         want = s - 0.2 * (g_va if step == 0 else g_flat)
         np.testing.assert_allclose(_numpy_params(alter)[2], want, rtol=1e-5)

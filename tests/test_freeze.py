@@ -9,7 +9,7 @@ import tensorflow as tf
 from fqat_tf import freeze
 from fqat_tf import methods
 from fqat_tf.fqat_model import FQATModel
-from test_sagm import split, toy_quant_model
+from helpers import split, toy_quant_model
 
 
 @pytest.mark.parametrize("signs,expected", [

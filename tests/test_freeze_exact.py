@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from fqat_tf import freeze, methods
 from fqat_tf.fqat_model import FQATModel
-from test_sagm import split, toy_quant_model
+from helpers import split, toy_quant_model
 
 K, STEPS, THRESHOLD = 3, 12, 0.4
 RNG = np.random.RandomState(11)

@@ -8,7 +8,7 @@ import pytest
 
 from fqat_tf import freeze_grid, plots, report
 
-from test_report import make_run
+from helpers import make_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HP = {"lr": 3e-5, "rho": 0.05, "alpha": 0.001}

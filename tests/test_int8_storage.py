@@ -14,7 +14,7 @@ from export import tflite as export_lib, verify as verify_lib
 from export.graph import ExportGraph
 from export.storage import int8_storage_model
 from fqat_tf import int8_storage, models
-from test_export import compile_fit, randomize_batchnorm, resnet_like, task
+from helpers import compile_fit, mirrored, parse_train_flags, storage_resnet, task
 
 
 def _range_model(**kwargs):
@@ -62,24 +62,37 @@ def test_range_quantize_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_int8_kernel_is_on_its_per_channel_grid_with_a_straight_through_gradient(depthwise):
-    k = tf.constant(np.random.default_rng(0).normal(size=(3, 3, 4, 2 if depthwise else 5)),
-                    tf.float32)
-    scales = int8_storage.int8_kernel_scales(k, depthwise).numpy()
-    assert scales.shape == ((4, 2) if depthwise else (5,))
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_kernel_is_on_its_int8_grid_with_a_straight_through_gradient(per_channel):
+    k = tf.constant(np.random.default_rng(0).normal(size=(3, 3, 4, 5)), tf.float32)
+    scales = int8_storage.abs_max_scales(k, per_channel).numpy()
+    assert scales.shape == ((5,) if per_channel else ())
     with tf.GradientTape() as tape:
         tape.watch(k)
-        q = int8_storage.int8_kernel(k, depthwise)
+        q = int8_storage.int8_kernel(k, per_channel)
         loss = tf.reduce_sum(q * tf.reshape(tf.range(1.0, 1.0 + tf.size(q, tf.float32)),
                                             q.shape))
     ints = q.numpy() / scales
     np.testing.assert_allclose(ints, np.round(ints), atol=1e-4)
-    axes = (0, 1) if depthwise else (0, 1, 2)
+    axes = (0, 1, 2) if per_channel else None
     np.testing.assert_allclose(np.abs(np.round(ints)).max(axis=axes), 127)
     assert np.abs(q.numpy() - k.numpy()).max() <= scales.max() / 2 + 1e-7
     np.testing.assert_allclose(tape.gradient(loss, k).numpy().reshape(-1),
                                np.arange(1.0, 1.0 + k.numpy().size))
+
+
+def test_abs_max_scales_serve_numpy_and_tensors():
+    k = np.zeros((1, 1, 2, 3), np.float32)
+    k[0, 0, 0] = [-2.54, 0.0, 1.27]
+    k[0, 0, 1] = [1.0, 0.0, -0.5]
+    # numpy gives float64 (the exporter's arithmetic), tensors their own dtype: hand values.
+    np.testing.assert_allclose(int8_storage.abs_max_scales(k),
+                               [2.54 / 127, 1e-12 / 127, 1.27 / 127], rtol=1e-6)
+    assert int8_storage.abs_max_scales(k).dtype == np.float64
+    np.testing.assert_allclose(int8_storage.abs_max_scales(tf.constant(k)).numpy(),
+                               [2.54 / 127, 1e-12 / 127, 1.27 / 127], rtol=1e-6)
+    np.testing.assert_allclose(int8_storage.abs_max_scales(k, per_channel=False), 2.54 / 127,
+                               rtol=1e-6)
 
 
 def test_saturating_rsqrt_is_infinite_at_zero_with_a_zero_gradient():
@@ -110,20 +123,8 @@ def test_int8_group_norm_is_group_norm_until_calibrated():
     assert 0 < np.abs(quantized - plain(x).numpy()).max() < 0.1
 
 
-def _storage_resnet(bits):
-    keras.utils.set_random_seed(bits)
-    model = resnet_like()
-    randomize_batchnorm(model, 0)
-    x, y = task(384, 0)
-    compile_fit(model, x, y, 1e-2, 2)
-    qmodel = fqat_tf.quantize_model(model, weight_bits=bits, activation_bits=bits)
-    # Calibrated, the two convs reading the stem output have different steps.
-    fqat_tf.calibrate_scales(qmodel, [x[:128]], num_batches=1)
-    return qmodel, int8_storage_model(qmodel), x, y
-
-
 def test_storage_model_stores_what_the_exporter_stores_and_copies_the_rest():
-    qmodel, smodel, _, _ = _storage_resnet(4)
+    qmodel, smodel, _, _ = storage_resnet(4)
     names = {l.name for l in smodel.layers if isinstance(l, fqat_tf.RangeQuantize)}
     # The exporter's "range" tensors: each residual branch before the sum, the block output,
     # the pooled features and the logits, and the stem output, which two quantizers read:
@@ -169,7 +170,7 @@ def test_bias_is_on_the_int32_grid_of_input_step_times_kernel_scale():
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_trained_storage_resnet_exports_to_an_integer_model_that_matches_it(bits, tmp_path):
-    _, smodel, x, y = _storage_resnet(bits)
+    _, smodel, x, y = storage_resnet(bits)
     batches = [x[:128], x[128:256]]
     fqat_tf.calibrate_scales(smodel, batches, num_batches=2)
     fqat_tf.calibrate_ranges(smodel, batches, num_batches=2)
@@ -218,11 +219,11 @@ def test_group_norm_storage_model_exports_within_rounding():
 def test_training_program_with_int8_storage_exports_its_run(tmp_path, capsys):
     from export import verify as verify_cli
     from fqat_tf import rundir, trainer
-    from test_train import _parse
 
     out = str(tmp_path / "qat")
-    settings = _parse(["--flagfile=experiments/quickstart.cfg", "--smoke", "--int8_storage",
-                       f"--output_dir={out}", f"--erm_cache_dir={tmp_path}/erm", "--verbose=0"])
+    settings = parse_train_flags(["--flagfile=experiments/quickstart.cfg", "--smoke",
+                                  "--int8_storage", f"--output_dir={out}",
+                                  f"--erm_cache_dir={tmp_path}/erm", "--verbose=0"])
     trainer.run(settings)
     model = keras.saving.load_model(os.path.join(out, rundir.MODEL), safe_mode=True)
     layers = int8_storage.storage_layers(model)
@@ -238,12 +239,11 @@ def test_training_program_with_int8_storage_exports_its_run(tmp_path, capsys):
 
 def test_ranges_train_under_a_mirrored_strategy():
     from fqat_tf.fqat_model import FQATModel
-    from test_distributed import mirrored
 
     x, y = task(64, 3)
     with mirrored().scope():
         keras.utils.set_random_seed(0)
-        _, smodel, _, _ = _storage_resnet(4)
+        _, smodel, _, _ = storage_resnet(4)
         # Ranges are running statistics: updated where BatchNorm's are (training=True).
         fq = FQATModel(smodel, "fqat", rho=0.05, alpha=0.001, freeze_interval=2,
                        freeze_bn=False)
@@ -283,7 +283,7 @@ def test_8bit_learned_kernel_is_symmetric_as_tflite_stores_it():
 
 
 def test_batchnorm_folds_into_its_conv_with_the_bias_on_tflites_grid(tmp_path):
-    qmodel, smodel, x, _ = _storage_resnet(4)
+    qmodel, smodel, x, _ = storage_resnet(4)
     # Every BatchNorm of this network follows a conv: all of them moved into the wrappers.
     assert not [l for l in smodel.layers if isinstance(l, keras.layers.BatchNormalization)]
     folded = {w.name: w for w in fqat_tf.quantize.quantize_wrappers(smodel) if w.batchnorm}

@@ -160,13 +160,14 @@ def test_bits_out_of_range(bad):
         quant_ops.quant_range(bad, True)
 
 
-def test_hutchinson_trace_of_quadratic():
-    # L = 0.5 * w^T diag(a) w has Tr(H) = sum(a); Rademacher probes are exact for diagonal H.
-    a = tf.constant([1.0, 2.0, 3.0, 4.0])
-    w = tf.Variable([0.3, -0.2, 0.1, 0.5])
-    (trace,) = quant_ops.hutchinson_trace(lambda: 0.5 * tf.reduce_sum(a * w * w), [w],
-                                          num_samples=2, seed=0)
-    np.testing.assert_allclose(trace.numpy(), 10.0, rtol=1e-6)
-    delta = quant_ops.ewgs_delta_from_hessian(trace, 4, tf.constant([1.0, -1.0, 1.0, -1.0]))
-    np.testing.assert_allclose(delta.numpy(), 10.0 / 4 / (3 * 1.0), rtol=1e-5)
-    assert quant_ops.ewgs_delta_from_hessian(-1.0, 4, tf.constant([1.0, -1.0])).numpy() == 0.0
+def test_grid_arithmetic_serves_numpy_and_tensors_alike():
+    # Ties round to even on both paths; values beyond the range clip to its ends.
+    v = np.array([-9.0, -4.5, -0.5, 0.5, 1.5, 2.5, 3.49, 7.0, 12.0], np.float32)
+    expected = np.array([-8.0, -4.0, -0.0, 0.0, 2.0, 2.0, 3.0, 7.0, 7.0], np.float32)
+    np.testing.assert_array_equal(quant_ops.grid_round(v, -8.0, 7.0), expected)
+    np.testing.assert_array_equal(quant_ops.grid_round(tf.constant(v), -8.0, 7.0).numpy(),
+                                  expected)
+    np.testing.assert_array_equal(quant_ops.grid_quantize(v * 0.25, 0.25, -8.0, 7.0),
+                                  expected * 0.25)
+    np.testing.assert_array_equal(
+        quant_ops.grid_quantize(tf.constant(v * 0.25), 0.25, -8.0, 7.0).numpy(), expected * 0.25)

@@ -161,6 +161,53 @@ def test_depthwise_and_overrides():
     assert qmodel(inp).shape == (2, 2)
 
 
+def _quantized(qmodel):
+    return {w.name: type(w.quantize_config).__name__ for w in quantize_wrappers(qmodel)
+            if not w.quantize_config.is_float}
+
+
+def test_filters_regex_and_callable_select_the_same_layers():
+    model = tiny_resnet()
+    by_regex = fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4, filters="^block_")
+    by_callable = fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4,
+                                         filters=lambda layer: layer.name.startswith("block_"))
+    expected = {"block_conv1": "WeightInputQuantizeConfig",
+                "block_conv2": "WeightInputQuantizeConfig"}
+    assert _quantized(by_regex) == _quantized(by_callable) == expected
+    # Kernel and input step of each of the two convs.
+    assert len(fqat_tf.scale_variables(by_regex)) == len(fqat_tf.scale_variables(by_callable)) == 4
+    # Layers left out keep a float wrapper, as the classifier does.
+    assert isinstance(_configs(by_regex)["downsample"], qc.NoQuantizeConfig)
+    # A list is any of its regexes, searched (not fully matched) as Keras's Model.quantize does;
+    # the first conv keeps its input-only policy.
+    from keras.src.quantizers.utils import should_quantize_layer
+
+    patterns = ["^conv1$", "down"]
+    listed = fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4, filters=patterns)
+    assert _quantized(listed) == {"conv1": "InputOnlyQuantizeConfig",
+                                  "downsample": "WeightInputQuantizeConfig"}
+    assert set(_quantized(listed)) == {l.name for l in model.layers
+                                       if isinstance(l, keras.layers.Conv2D)
+                                       and should_quantize_layer(l, patterns)}
+    assert len(fqat_tf.scale_variables(listed)) == 3
+
+
+def test_filters_that_select_nothing_are_refused():
+    model = tiny_resnet()
+    with pytest.raises(ValueError, match=r"filters 'no_such_layer' selects no quantizable"):
+        fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4, filters="no_such_layer")
+
+    def never(layer):
+        return False
+
+    with pytest.raises(ValueError, match="filters callable .*never selects no quantizable"):
+        fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4, filters=never)
+    with pytest.raises(ValueError, match="filters must be"):
+        fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4, filters=3)
+    with pytest.raises(ValueError, match=r"filters regex '\(' is invalid"):
+        fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4, filters=["conv", "("])
+
+
 def test_unsupported_layers_are_logged_and_left_float(caplog):
     x = keras.Input((8, 8, 3))
     h = keras.layers.Conv2D(4, 3, name="c1")(x)

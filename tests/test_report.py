@@ -8,30 +8,7 @@ import numpy as np
 import pytest
 
 from fqat_tf import report, rundir
-
-PACS = ("art_painting", "cartoon", "photo", "sketch")
-FQAT_HP = {"lr": 3e-5, "rho": 0.05, "alpha": 0.001, "freeze_interval": 350,
-           "freeze_threshold": 0.3}
-
-
-def make_run(root, name, test, seed, val_avg, test_acc, method="fqat", dataset="pacs",
-             hparams=None, bits=4):
-    """Writes a finished run; `test` is a domain or a list, `test_acc` one value per domain."""
-    tests = [test] if isinstance(test, str) else list(test)
-    accs = [test_acc] * len(tests) if np.isscalar(test_acc) else list(test_acc)
-    quantized = method not in ("erm", "sagm")
-    results = {
-        "dataset": dataset, "method": method, "quantizer": "lsq" if quantized else None,
-        "weight_bits": bits if quantized else None,
-        "activation_bits": bits if quantized else None, "test_domains": tests, "seed": seed,
-        "hparams": dict(FQAT_HP if hparams is None else hparams, seed=seed),
-        "selection": "best training-domain validation accuracy (val_avg) over evaluations",
-        "selected_step": 100, "val": {"x": val_avg}, "test": dict(zip(tests, accs)),
-        "val_avg": val_avg, "test_avg": float(np.mean(accs)), "wall_time_s": 1.0,
-        "steps": 100, "final_masks": {}}
-    run_dir = os.path.join(root, name, "+".join(tests), f"seed{seed}")
-    rundir.write_json(os.path.join(run_dir, rundir.RESULTS), results)
-    return run_dir
+from helpers import FQAT_HP, PACS, make_run
 
 
 # Seed 0 and seed 23 accuracies per domain: (val_avg, test).

@@ -1,91 +1,14 @@
-"""The two-pass gradient against independent references (ALGORITHM.md §2)."""
+"""The two-pass gradient against independent references (docs/algorithm.md §2)."""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from fqat_tf import sagm
-
-
-class Scale(keras.layers.Layer):
-    """Multiplies its input by a learnable scalar: a smooth stand-in for a quantizer step."""
-
-    def __init__(self, init=0.7, **kwargs):
-        super().__init__(**kwargs)
-        self.init = init
-
-    def build(self, input_shape):
-        self.step = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.init),
-                                    name="step")
-
-    def call(self, x):
-        return x * self.step
-
-
-def _lsq(v, s, lo, hi):
-    # LSQ fake quantization with a straight-through round: d/ds is round(v/s) - v/s inside.
-    vs = tf.clip_by_value(v / s, lo, hi)
-    return s * (vs + tf.stop_gradient(tf.round(vs) - vs))
-
-
-class ToyQuantDense(keras.layers.Layer):
-    """Dense with 3-bit LSQ-quantized kernel and input: a small non-smooth quantized layer."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
-        self.kernel_step = self.add_weight(shape=(), initializer=keras.initializers.Constant(0.1),
-                                           name="kernel_step")
-        self.input_step = self.add_weight(shape=(), initializer=keras.initializers.Constant(0.3),
-                                          name="input_step")
-
-    def call(self, x):
-        return _lsq(x, self.input_step, -4.0, 3.0) @ _lsq(self.kernel, self.kernel_step, -4.0, 3.0)
+from helpers import Scale, np_grads, np_sagm, smooth_model, split, toy_quant_model
 
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def smooth_model(n_in=4, n_out=3):
-    inp = keras.Input((n_in,))
-    out = Scale(name="scale")(keras.layers.Dense(n_out, name="dense")(inp))
-    return keras.Model(inp, out)
-
-
-def toy_quant_model():
-    inp = keras.Input((5,))
-    h = keras.layers.Dense(6, activation="relu", name="fp")(inp)
-    return keras.Model(inp, ToyQuantDense(3, name="q")(h))
-
-
-def split(model):
-    scales = [v for v in model.trainable_variables if "step" in v.path]
-    theta = [v for v in model.trainable_variables if "step" not in v.path]
-    return theta, scales
-
-
-def _np_grads(W, b, s, x, target, loss):
-    """Analytic gradients of the smooth model: logits = s * (x W + b)."""
-    z = x @ W + b
-    logits = s * z
-    n = x.shape[0]
-    if loss == "softmax":
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        d = (p - np.eye(W.shape[1])[target]) / n
-    else:
-        d = 2.0 * (logits - target) / logits.size
-    return x.T @ (d * s), (d * s).sum(0), float((d * z).sum())
-
-
-def _np_sagm(W, b, s, x, target, loss, rho, alpha, eps=1e-12):
-    gW, gb, g_va = _np_grads(W, b, s, x, target, loss)
-    c = rho / (np.sqrt((gW ** 2).sum() + (gb ** 2).sum()) + eps) - alpha
-    pW, pb, g_flat = _np_grads(W + c * gW, b + c * gb, s, x, target, loss)
-    return (gW + pW) / 2, (gb + pb) / 2, g_va, g_flat
 
 
 @pytest.mark.parametrize("loss", ["softmax", "quadratic"])
@@ -106,7 +29,7 @@ def test_smooth_model_matches_numpy_sagm(loss, rho, alpha):
                               masks=[1.0], rho=rho, alpha=alpha)
     W, b = (v.numpy().astype(np.float64) for v in theta)
     s = float(scales[0].numpy())
-    gW, gb, g_va, g_flat = _np_sagm(W, b, s, x.astype(np.float64), target, loss, rho, alpha)
+    gW, gb, g_va, g_flat = np_sagm(W, b, s, x.astype(np.float64), target, loss, rho, alpha)
     np.testing.assert_allclose(got.theta_grads[0].numpy(), gW, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.theta_grads[1].numpy(), gb, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.g_va[0].numpy(), g_va, rtol=1e-4, atol=1e-6)
@@ -114,7 +37,7 @@ def test_smooth_model_matches_numpy_sagm(loss, rho, alpha):
     np.testing.assert_allclose(got.scale_grads[0].numpy(), (g_va + g_flat) / 2, rtol=1e-4,
                                atol=1e-6)
     # The perturbation must matter here, or the test above could not tell the passes apart.
-    assert not np.allclose(gW, _np_grads(W, b, s, x, target, loss)[0], rtol=1e-3)
+    assert not np.allclose(gW, np_grads(W, b, s, x, target, loss)[0], rtol=1e-3)
     for old, new in zip(before, model.weights):
         assert np.array_equal(old, new.numpy()), new.path
 
@@ -177,7 +100,7 @@ def test_one_pass_and_masks():
     loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     one = sagm.sagm_gradients(model, x, lambda p: loss_obj(y, p), theta, scales, two_pass=False)
     W, b = (v.numpy().astype(np.float64) for v in theta)
-    gW, gb, g_va = _np_grads(W, b, float(scales[0].numpy()), x.astype(np.float64), y, "softmax")
+    gW, gb, g_va = np_grads(W, b, float(scales[0].numpy()), x.astype(np.float64), y, "softmax")
     np.testing.assert_allclose(one.theta_grads[0].numpy(), gW, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(one.scale_grads[0].numpy(), g_va, rtol=1e-4, atol=1e-6)
     frozen = sagm.sagm_gradients(model, x, lambda p: loss_obj(y, p), theta, scales,

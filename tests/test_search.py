@@ -7,8 +7,7 @@ import pytest
 
 from fqat_tf import rundir, search, sweep
 
-from test_report import make_run
-from test_sweep import _calls, fake, flagfile  # noqa: F401 - fake is a fixture
+from helpers import flagfile, make_run, read_calls
 
 PAPER_4BIT = list(itertools.product(("0.28", "0.3", "0.32"), ("300", "350", "400")))
 
@@ -91,7 +90,7 @@ def test_both_phases_run_and_share_the_common_run(tmp_path, capsys, fake):
             "--test_domains=photo", "--grid=paper", "--search=two_phase",
             f"--train_command={command}", "--", f"--calls_log={log}"]
     assert sweep.main(argv) == 0
-    calls = [c["argv"] for c in _calls(log)]
+    calls = [c["argv"] for c in read_calls(log)]
     # Phase 1: 3 lrs for each flagfile; phase 2: 9 FQAT points at 3e-05, one of them phase
     # 1's; LSQ's phase 2 is its phase-1 run at 3e-05.
     assert len(calls) == 3 + 3 + 8
@@ -109,5 +108,5 @@ def test_both_phases_run_and_share_the_common_run(tmp_path, capsys, fake):
     manifest = rundir.read_json(os.path.join(out, search.PHASE_MANIFESTS["1"]))
     assert len(manifest["done"]) == 6
     # A second invocation has nothing left to do.
-    assert sweep.main(argv) == 0 and len(_calls(log)) == 14
+    assert sweep.main(argv) == 0 and len(read_calls(log)) == 14
     assert json.loads(open(os.path.join(out, search.SEARCH_JSON)).read()) == record

@@ -1,68 +1,16 @@
 """fqat_tf.sweep: the run list, flag order and checks, and an end-to-end sweep of a stand-in."""
 import itertools
-import json
 import os
 import shlex
 import subprocess
-import sys
 
 import pytest
 
 from fqat_tf import devices, launch, rundir, sweep
 from fqat_tf.data import registry
+from helpers import PACS, flagfile, read_calls
 
-PACS = ("art_painting", "cartoon", "photo", "sketch")
 GRID = "freeze_threshold=0.28,0.30,0.32;freeze_interval=300,350,400"
-
-# A stand-in for fqat_tf.train. `--check_only` answers as the training program does (0: free or
-# the same settings, 3: other settings); a run logs its argv, GPU environment and times, fails
-# for --fail_seed, else writes flags.json and a results.json whose validation accuracy peaks at
-# lr 3e-5 (and grows with r).
-FAKE_TRAIN = """\
-import json, os, sys, time
-args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
-out = args["output_dir"]
-settings = {k: v for k, v in args.items()
-            if k not in ("output_dir", "calls_log", "fail_seed", "sleep")}
-if "--check_only" in sys.argv:
-    path = os.path.join(out, "flags.json")
-    old = json.load(open(path)) if os.path.exists(path) else settings
-    differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if differ:
-        sys.stderr.write(f"fake_train: error: {out} holds a run with other settings "
-                         f"({', '.join(differ)})\\n")
-        sys.exit(3)
-    sys.exit(0)
-start = time.time()
-time.sleep(float(args.get("sleep", 0)))
-with open(args["calls_log"], "a") as f:
-    f.write(json.dumps({"argv": sys.argv[1:], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                        "growth": os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH"),
-                        "start": start, "end": time.time()}) + "\\n")
-if args["seed"] == args.get("fail_seed"):
-    sys.exit(3)
-os.makedirs(out, exist_ok=True)
-json.dump(settings, open(os.path.join(out, "flags.json"), "w"))
-method = [l.split("=", 1)[1].strip() for l in open(args["flagfile"]) if l.startswith("--method=")]
-lr, r = float(args.get("lr", 3e-5)), float(args.get("freeze_threshold", 0.3))
-tests = args["test_domains"].split(",")
-json.dump({"dataset": "pacs", "method": method[0], "quantizer": "lsq", "weight_bits": 4,
-           "activation_bits": 4, "test_domains": tests, "seed": int(args["seed"]),
-           "hparams": {"lr": lr, "freeze_threshold": r,
-                       "freeze_interval": int(args.get("freeze_interval", 300))},
-           "test": {d: 0.5 for d in tests}, "val_avg": 0.8 - 1000 * abs(lr - 3e-5) + 0.01 * r},
-          open(os.path.join(out, "results.json"), "w"))
-"""
-
-
-def flagfile(tmp_path, dataset="pacs", weight_bits=4, name="cell.cfg", method="fqat"):
-    """An experiment flagfile that includes a base file, as experiments/*.cfg do."""
-    base = tmp_path / f"base_{name}"
-    base.write_text(f"# shared settings\n--dataset={dataset}\n--seed=0\n--test_domains=0\n")
-    cell = tmp_path / name
-    cell.write_text(f"# Paper cell\n--flagfile={base}\n--method={method}\n"
-                    f"--weight_bits={weight_bits}\n--freeze_interval=350\n")
-    return str(cell)
 
 
 def test_plan_crosses_domains_seeds_and_grid(tmp_path):
@@ -197,21 +145,6 @@ def test_bad_flagfiles(tmp_path):
         sweep.plan(str(tmp_path / "broken.cfg"), "s")
 
 
-def _calls(log):
-    if not os.path.exists(log):
-        return []
-    with open(log) as f:
-        return [json.loads(line) for line in f]
-
-
-@pytest.fixture
-def fake(tmp_path):
-    """(--train_command value, calls log) of the stand-in training program."""
-    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / 'fake_train.py'))}"
-    return command, str(tmp_path / "calls.jsonl")
-
-
 def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys, fake):
     cfg, out = flagfile(tmp_path), str(tmp_path / "sweep")
     command, log = fake
@@ -221,7 +154,7 @@ def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys, fake):
             f"--train_command={command}", "--", f"--calls_log={log}", "--fail_seed=1"]
 
     assert sweep.main(argv) == 1
-    calls = _calls(log)
+    calls = read_calls(log)
     assert len(calls) == 7  # 4 domains x 2 seeds, less the finished run
     assert all(f"--calls_log={log}" in c["argv"] and "--fail_seed=1" in c["argv"]
                for c in calls)
@@ -237,7 +170,7 @@ def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys, fake):
     # Rerunning the same sweep runs only what is not finished, two at a time.
     argv[-1] = "--fail_seed=none"
     assert sweep.main(argv[:3] + ["--parallel=2"] + argv[3:]) == 0
-    rerun = _calls(log)[7:]
+    rerun = read_calls(log)[7:]
     assert sorted(c["argv"][-1] for c in rerun) == sorted(
         f"--output_dir={os.path.join(out, 'cell', d, 'seed1')}" for d in PACS)
     assert "4 done, 4 skipped (already finished), 0 failed" in capsys.readouterr().out
@@ -245,7 +178,7 @@ def test_sweep_runs_skips_finished_and_reports_failures(tmp_path, capsys, fake):
     assert sweep.main(argv[:3] + ["--dry_run"] + argv[3:]) == 0
     listing = capsys.readouterr().out
     assert listing.count("[finished]") == 8 and "8 runs planned, 0 conflict" in listing
-    assert len(_calls(log)) == 11
+    assert len(read_calls(log)) == 11
 
 
 def test_other_settings_in_a_run_directory_are_a_conflict(tmp_path, capsys, fake):
@@ -267,7 +200,7 @@ def test_other_settings_in_a_run_directory_are_a_conflict(tmp_path, capsys, fake
     assert sorted(manifest["conflict"]) == sorted(
         os.path.join(out, "cell", d, "seed0") for d in ("photo", "sketch"))
     assert "(steps)" in manifest["conflict_details"][manifest["conflict"][0]]
-    assert len(_calls(log)) == 2  # nothing rerun, and the old results are left alone
+    assert len(read_calls(log)) == 2  # nothing rerun, and the old results are left alone
     assert (tmp_path / "sweep" / "cell" / "photo" / "seed0" / rundir.RESULTS).read_text() \
         == before
 
@@ -293,13 +226,13 @@ def test_commands_launcher_prints_one_line_per_unfinished_run(tmp_path, capsys, 
     assert all("TF_FORCE_GPU_ALLOW_GROWTH=true" in line and "CUDA_VISIBLE_DEVICES" not in line
                for line in lines)
     assert not any("photo" in line for line in lines)
-    assert len(_calls(log)) == 1  # nothing started
+    assert len(read_calls(log)) == 1  # nothing started
     assert not os.path.exists(os.path.join(out, launch.LOGS, "cell__sketch__seed0.log"))
     # A printed line runs by itself in a fresh shell.
     sketch = next(line for line in lines if "--test_domains=sketch" in line)
     subprocess.run(["bash", "-c", sketch], check=True, cwd="/", timeout=120)
     assert rundir.is_finished(os.path.join(out, "cell", "sketch", "seed0"))
-    assert _calls(log)[-1]["growth"] == "true"
+    assert read_calls(log)[-1]["growth"] == "true"
     assert sweep.main(base + ["--launcher=commands"] + extra) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
 
@@ -322,7 +255,7 @@ def test_one_run_per_gpu_at_a_time(tmp_path, capsys, fake, monkeypatch):
     assert sweep.main([f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0,1",
                        "--devices=0,1,2,3", f"--train_command={command}", "--",
                        f"--calls_log={log}", "--sleep=0.6"]) == 0
-    calls = _calls(log)
+    calls = read_calls(log)
     assert len(calls) == 8
     assert {c["cuda"] for c in calls} == {"0", "1", "2", "3"}
     assert all(c["growth"] == "true" for c in calls)
@@ -340,7 +273,7 @@ def test_two_gpus_per_run_are_mirrored(tmp_path, fake, monkeypatch):
     assert sweep.main([f"--flagfile={cfg}", f"--sweep_dir={out}", "--seeds=0",
                        "--devices=all", "--gpus_per_run=2", f"--train_command={command}", "--",
                        f"--calls_log={log}", "--sleep=0.3"]) == 0
-    calls = _calls(log)
+    calls = read_calls(log)
     assert len(calls) == 4 and {c["cuda"] for c in calls} == {"0,1", "2,3"}
     assert all("--strategy=mirrored" in c["argv"] for c in calls)
 

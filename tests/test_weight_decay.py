@@ -6,7 +6,7 @@ import pytest
 
 from fqat_tf import trainer
 from fqat_tf.fqat_model import FQATModel
-from test_sagm import _np_sagm, smooth_model, split
+from helpers import np_sagm, smooth_model, split
 
 torch = pytest.importorskip("torch", reason="the reference is torch.optim.Adam")
 
@@ -53,7 +53,7 @@ def test_perturbation_and_scales_see_no_decay():
     theta, scales = split(q)
     W, b = (v.numpy().astype(np.float64) for v in theta)
     s = float(scales[0].numpy())
-    gW, gb, g_va, g_flat = _np_sagm(W, b, s, X.astype(np.float64), Y, "softmax", rho, alpha)
+    gW, gb, g_va, g_flat = np_sagm(W, b, s, X.astype(np.float64), Y, "softmax", rho, alpha)
     model.fit(X, Y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     np.testing.assert_allclose(theta[0].numpy(), W - lr * (gW + wd * W), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(theta[1].numpy(), b - lr * (gb + wd * b), rtol=1e-5, atol=1e-6)

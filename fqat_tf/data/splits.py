@@ -158,7 +158,9 @@ def _read(info, data_dir, source, verify, skip_bad_files, cache_dir):
         if info.tfds_name is None:
             raise DataError(f"{info.name} has no TFDS builder; use source='folder'")
         from fqat_tf.data import tfds_builders  # Imports TFDS, which is slow; only here.
-        class_names, sources = tfds_builders.read_tfds_domains(info, data_dir)
+        class_names, domains = tfds_builders.read_tfds_domains(info, data_dir)
+        sources = [Source(name, i, np.arange(n), tfds=key)
+                   for i, (name, (n, key)) in enumerate(zip(info.domains, domains))]
         return info.domains, class_names, sources, ()
     return _read_folder(info, data_dir, verify, skip_bad_files, cache_dir)
 

@@ -18,7 +18,6 @@ import inspect
 import os
 from typing import List, Tuple
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -123,16 +122,15 @@ def read_tfds_domains(info: DatasetInfo, data_dir=None) -> Tuple[Tuple[str, ...]
     """Opens every domain of `info` through TFDS.
 
     Returns:
-        (class names, one whole-domain `splits.Source` per domain).
+        (class names, `(size, (builder name with config, split, data_dir))` per domain, in
+        `info.domains` order: what `fqat_tf.data.splits` makes a whole-domain `Source` of).
 
     Raises:
         DataError: the builder's classes are not the dataset's.
     """
-    from fqat_tf.data.splits import Source  # splits imports this module lazily.
-
     split = TFDS_SPLITS[info.tfds_name]
     class_names, sources = None, []
-    for i, domain in enumerate(info.domains):
+    for domain in info.domains:
         name, builder = _builder(info, domain, data_dir)
         names = tuple(builder.info.features["label"].names)
         if len(names) != info.num_classes or (class_names is not None and names != class_names):
@@ -142,7 +140,7 @@ def read_tfds_domains(info: DatasetInfo, data_dir=None) -> Tuple[Tuple[str, ...]
         n = int(builder.as_dataset(split=split).cardinality())
         if n <= 0:
             raise DataError(f"TFDS {name} split {split!r} has an unknown or zero size ({n})")
-        sources.append(Source(domain, i, np.arange(n), tfds=(name, split, data_dir)))
+        sources.append((n, (name, split, data_dir)))
     return class_names, sources
 
 

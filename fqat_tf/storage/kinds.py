@@ -2,20 +2,12 @@
 per-channel affine, a storage layer, or why it cannot be kept integer."""
 import keras
 
-from fqat_tf import activations, int8_activations, int8_storage
-from fqat_tf.quantize import QuantizeWrapper
+from fqat_tf import activations, int8_activations, int8_storage, layer_types
+from fqat_tf.wrapper import QuantizeWrapper
 
-# Layers through which a quantizer can be moved to the input without changing any value:
-# quantization is monotone and maps 0 to 0, so it commutes with padding, max pooling and
-# reshapes. TFLite runs them with one scale on input and output.
-PASSTHROUGH_TYPES = (keras.layers.ZeroPadding2D, keras.layers.MaxPooling2D, keras.layers.Flatten,
-                     keras.layers.Reshape, keras.layers.Dropout, keras.layers.Identity)
 # TFLite gives a concatenation's inputs the output's scale: quantizing the output quantizes
 # each input the same way.
-SAME_SCALE_TYPES = PASSTHROUGH_TYPES + (keras.layers.Concatenate,)
-CONV_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
-WEIGHTED_TYPES = CONV_TYPES + (keras.layers.Dense,)
-AFFINE_TYPES = int8_activations.AFFINE_TYPES
+SAME_SCALE_TYPES = layer_types.PASSTHROUGH_TYPES + (keras.layers.Concatenate,)
 POOLING_TYPES = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
                  keras.layers.GlobalAveragePooling2D)
 
@@ -32,17 +24,17 @@ def activation_name(layer):
 
 def is_weighted(layer):
     """A Conv2D, DepthwiseConv2D or Dense, wrapped or not."""
-    return type(inner_layer(layer)) in WEIGHTED_TYPES
+    return layer_types.is_weighted(inner_layer(layer))
 
 
 def is_conv(layer):
     """A Conv2D or DepthwiseConv2D, wrapped or not."""
-    return type(inner_layer(layer)) in CONV_TYPES
+    return layer_types.is_conv(inner_layer(layer))
 
 
 def is_affine(layer):
     """A per-channel affine layer the integer model runs as a depthwise multiply-add."""
-    return isinstance(layer, AFFINE_TYPES + (int8_activations.Int8Affine,))
+    return isinstance(layer, layer_types.AFFINE_TYPES + (int8_activations.Int8Affine,))
 
 
 def activation_of(layer):
@@ -114,7 +106,7 @@ def unsupported_reason(layer, input_shapes):
     if isinstance(layer, int8_activations.Int8Affine):
         layer = layer.layer
     inner = inner_layer(layer)
-    if type(inner) in WEIGHTED_TYPES:
+    if layer_types.is_weighted(inner):
         act = activations.get(activation_name(layer))
         if act is None or not act.fused:
             return (f"activation {activation_name(layer)!r} fused into the layer "
@@ -143,7 +135,7 @@ def unsupported_reason(layer, input_shapes):
         if axis != -1 or len(input_shapes[0]) != 4 or None in input_shapes[0][1:]:
             return "GroupNormalization over a non-channel axis or an unknown spatial size"
         return None
-    if isinstance(layer, AFFINE_TYPES):
+    if isinstance(layer, layer_types.AFFINE_TYPES):
         if not _channels_last(layer, input_shapes):
             return f"{type(layer).__name__} over another axis than the last"
         if getattr(layer, "invert", False):

@@ -32,9 +32,9 @@ import math
 
 import keras
 
-from fqat_tf import int8_activations, int8_storage
+from fqat_tf import int8_activations, int8_storage, layer_types
 from fqat_tf.errors import UserError
-from fqat_tf.quantize import QuantizeWrapper
+from fqat_tf.wrapper import QuantizeWrapper
 from fqat_tf.storage import kinds
 
 INPUT_KEY = "(input)"
@@ -110,13 +110,7 @@ def _input_spec(layer):
 
 def functional(model):
     """`model` as a functional model with one fixed-shape input and one output."""
-    from keras.src.models.functional import Functional
-
-    if isinstance(model, keras.Sequential) or not isinstance(model, Functional):
-        if not getattr(model, "inputs", None):
-            raise ValueError("an integer model needs a functional or Sequential model built on "
-                             "an Input")
-        model = keras.Model(model.inputs, model.outputs)
+    model = layer_types.functional_view(model, "an integer model")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(f"an integer model needs one input and one output, model "
                          f"{model.name!r} has {len(model.inputs)} and {len(model.outputs)}")
@@ -268,7 +262,7 @@ class StoragePlan:
         key = bn_node.inputs[0]
         prod = self.producer(key)
         return (prod is not None and kinds.is_conv(prod.layer)
-                and kinds.activation_name(prod.layer) == "linear"
+                and layer_types.is_linear(kinds.inner_layer(prod.layer))
                 and len(self.consumers(key)) == 1 and key != self._output_key)
 
     def _find_folds(self):
@@ -328,7 +322,7 @@ class StoragePlan:
         """Picks each tensor's representation (module docstring) and the spec it carries."""
         rep = {}
         for node in reversed(self._nodes):
-            if isinstance(node.layer, kinds.PASSTHROUGH_TYPES):
+            if isinstance(node.layer, layer_types.PASSTHROUGH_TYPES):
                 # TFLite runs these with one scale on both sides: the output keeps the input's
                 # quantization, and the input's only reader hands its uses up to it.
                 rep[node.output] = "inherit"
@@ -358,7 +352,7 @@ class StoragePlan:
                 lo, hi = own
                 if lo > -INF or hi < INF:
                     b = Bounds(lo, hi, () if lo == 0.0 else (node.output,))
-            elif isinstance(layer, kinds.PASSTHROUGH_TYPES + (int8_storage.RangeQuantize,)):
+            elif isinstance(layer, layer_types.PASSTHROUGH_TYPES + (int8_storage.RangeQuantize,)):
                 b = ins[0]
             elif isinstance(layer, kinds.POOLING_TYPES) and ins[0] is not None:
                 b = Bounds(ins[0].lo, ins[0].hi, ins[0].rounded + (node.output,))

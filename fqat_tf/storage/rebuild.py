@@ -20,10 +20,10 @@ See `fqat_tf.int8_storage` for why.
 """
 import keras
 
-from fqat_tf import defaults
+from fqat_tf import defaults, layer_types
 from fqat_tf.int8_activations import Int8Activation, Int8Affine
 from fqat_tf.int8_storage import Int8GroupNormalization, RangeQuantize, storage_layers
-from fqat_tf.quantize import QuantizeWrapper
+from fqat_tf.wrapper import QuantizeWrapper
 from fqat_tf.storage import kinds
 from fqat_tf.storage.plan import INPUT_KEY, StoragePlan
 
@@ -42,7 +42,7 @@ def _fresh(layer, ema_decay, batchnorm=None):
     act = kinds.activation_of(layer)
     if act is not None and (act.output_range or act.own_output or act.name == "silu"):
         return Int8Activation(act.name, ema_decay=ema_decay, name=layer.name)
-    if isinstance(layer, kinds.AFFINE_TYPES):
+    if isinstance(layer, layer_types.AFFINE_TYPES):
         return Int8Affine(layer.__class__.from_config(config), ema_decay=ema_decay)
     return layer.__class__.from_config(config)
 
