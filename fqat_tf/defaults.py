@@ -1,10 +1,10 @@
-"""Every default of fqat_tf, next to its meaning (ALGORITHM.md is the source of each value).
+"""Every default of fqat_tf, next to its meaning (docs/algorithm.md is the source of each value).
 
 Library code takes these as keyword defaults; the command-line programs name their flags after
 the same keys. Nothing else in the package hard-codes a hyperparameter.
 """
 
-# --- Quantizer (ALGORITHM.md §1) -----------------------------------------------------------
+# --- Quantizer (docs/algorithm.md §1) -----------------------------------------------------------
 QUANTIZER = "lsq"            # "lsq" | "ewgs"
 WEIGHT_BITS = 4
 ACTIVATION_BITS = 4
@@ -33,7 +33,7 @@ CALIBRATION_BATCHES = 8
 INT8_STORAGE = False
 INT8_RANGE_EMA_DECAY = 0.99  # QAT stages are short (hundreds to thousands of steps)
 
-# --- Two-pass step (ALGORITHM.md §2) ---------------------------------------------------------
+# --- Two-pass step (docs/algorithm.md §2) ---------------------------------------------------------
 METHOD = "fqat"
 RHO = 0.05
 ALPHA = 0.001                # 0.0005 for DomainNet
@@ -48,7 +48,7 @@ WEIGHT_DECAY_MODE = "coupled"
 SCALE_LR = 1e-5
 SCALE_WEIGHT_DECAY = 0.0
 
-# --- Gradient disorder and freezing (ALGORITHM.md §3) ----------------------------------------
+# --- Gradient disorder and freezing (docs/algorithm.md §3) ----------------------------------------
 FREEZE_INTERVAL = 300        # K, steps per disorder window
 FREEZE_THRESHOLD = 0.30      # r
 FREEZE_GRID = {
@@ -61,7 +61,7 @@ FREEZE_GRID = {
     "rotated_mnist_miniature": {"r": (0.25, 0.35), "K": (10, 25)},
 }
 
-# --- DomainBed protocol (ALGORITHM.md §4) ----------------------------------------------------
+# --- DomainBed protocol (docs/algorithm.md §4) ----------------------------------------------------
 ERM_STEPS = 5000             # 15000 for DomainNet
 QAT_STEPS = 20000            # 50000 for DomainNet, evaluated only after 45000
 BATCH_PER_DOMAIN = 32        # 24 for DomainNet

@@ -1,4 +1,4 @@
-"""`FQATModel`: a Keras model whose `train_step` runs one of the FQAT methods (ALGORITHM.md §2-3).
+"""`FQATModel`: a Keras model whose `train_step` runs one of the FQAT methods (docs/algorithm.md §2-3).
 
 It wraps a quantized model, splits its trainable variables into the quantizer scales s and the
 rest theta, and trains them with two optimizers: one for theta (Adam with weight decay) and one

@@ -12,10 +12,9 @@ import sys
 import time
 
 import keras
-import numpy as np
 import pytest
-from absl import flags
 
+from helpers import parse_train_flags
 from fqat_tf import rundir, train, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,17 +56,6 @@ def refused(args, code, culprit, folder=None, prefix=(sys.executable, "-m", PROG
     if folder is not None:
         assert {p: os.path.getmtime(p) for p in _files(folder)} == before
     return proc
-
-
-def _settings(args):
-    flags.FLAGS.unparse_flags()
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        flags.FLAGS(["fqat_tf.train", *args])
-        return train.settings_from_flags()
-    finally:
-        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +151,7 @@ def _lambda_model(path):
 def test_erm_cache_model_that_is_not_safe_to_load_is_refused(tmp_path):
     out, erm = tmp_path / "qat", tmp_path / "erm"
     args = TINY + [f"--output_dir={out}", f"--erm_cache_dir={erm}"]
-    settings = _settings(args)
+    settings = parse_train_flags(args)
     stage = erm / trainer.erm_hash(settings)
     stage.mkdir(parents=True)
     rundir.write_json(str(stage / rundir.FLAGS_JSON), trainer.erm_settings(

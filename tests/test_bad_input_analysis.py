@@ -124,7 +124,7 @@ def test_report_broken_results(tmp_path):
     broken = tmp_path / "run" / rundir.RESULTS
     broken.parent.mkdir()
     broken.write_text("{not json")
-    _refused(tmp_path, "report", [str(tmp_path)], 1, f"{broken}: not valid JSON")
+    _refused(tmp_path, "report", [str(tmp_path)], 1, f"{broken}: damaged, not valid JSON")
 
 
 # --- fqat_tf.plots -------------------------------------------------------------------------

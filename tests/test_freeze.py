@@ -1,4 +1,4 @@
-"""Gradient disorder, mask rules, the freeze state and DisorderFreezeCallback (ALGORITHM.md §3)."""
+"""Gradient disorder, mask rules, the freeze state and DisorderFreezeCallback (docs/algorithm.md §3)."""
 import glob
 
 import keras

@@ -4,7 +4,6 @@ import logging
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import fqat_tf
 from fqat_tf import calibration, quantize_configs as qc

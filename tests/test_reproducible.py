@@ -11,13 +11,12 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 
 from conftest import assert_same_bits, final_state
-from fqat_tf import rundir, runtime, train, trainer
+from helpers import parse_train_flags
+from fqat_tf import rundir, runtime, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = os.path.join(ROOT, "tests", "train_under_test.py")
@@ -107,17 +106,6 @@ SMALL = ["--dataset=rotated_mnist_5k", "--test_domains=75", "--lr=1e-3", "--scal
 QUANTIZED = ["--freeze_interval=3", "--weight_bits=4", "--activation_bits=4"]
 
 
-def _settings(args):
-    flags.FLAGS.unparse_flags()
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        flags.FLAGS(["fqat_tf.train", *args])
-        return train.settings_from_flags()
-    finally:
-        os.chdir(cwd)
-
-
 @pytest.fixture
 def deterministic():
     # TensorFlow has no public switch back from op determinism; it stays on for the rest of
@@ -139,7 +127,7 @@ def test_every_method_reruns_bit_identical(method, tmp_path, deterministic):
     states, results = [], []
     for name in ("a", "b"):
         # Each run with its own ERM stage, so the ERM stage is compared too.
-        s = _settings(SMALL + method + [f"--output_dir={tmp_path / name}",
+        s = parse_train_flags(SMALL + method + [f"--output_dir={tmp_path / name}",
                                         f"--erm_cache_dir={tmp_path / name}_erm"])
         results.append(trainer.run(s))
         states.append(final_state(str(tmp_path / name)))

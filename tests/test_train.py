@@ -1,6 +1,5 @@
 """The training program: every experiments/*.cfg in smoke mode, outputs, resume, bad flags."""
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -11,10 +10,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import app, flags
+from absl import app
 
 import fqat_tf
-from fqat_tf import rundir, train, trainer
+from helpers import parse_train_flags
+from fqat_tf import rundir, trainer
 from fqat_tf.data import DATASETS
 from fqat_tf.data.synthetic import write_image_tree
 
@@ -22,18 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.relpath(p, ROOT)
                  for p in glob.glob(os.path.join(ROOT, "experiments", "*.cfg")))
 FOLDERS = {"pacs": "PACS", "office_home": "office_home", "domain_net": "domain_net"}
-
-
-def _parse(args):
-    """Parses train.py's flags in this process (from the repo root, as the README runs them)."""
-    flags.FLAGS.unparse_flags()
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        flags.FLAGS(["fqat_tf.train", *args])
-        return train.settings_from_flags()
-    finally:
-        os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def data_root(tmp_path_factory):
 def test_every_experiment_config_runs_in_smoke_mode(cfg, data_root, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     out = os.path.join(base, "runs", os.path.basename(cfg)[:-4])
-    settings = _parse([f"--flagfile={cfg}", "--smoke", f"--data_dir={data_root}",
+    settings = parse_train_flags([f"--flagfile={cfg}", "--smoke", f"--data_dir={data_root}",
                        f"--output_dir={out}", f"--erm_cache_dir={base}/erm_cache",
                        "--verbose=0"])
     results = trainer.run(settings)
@@ -65,7 +53,7 @@ def test_every_experiment_config_runs_in_smoke_mode(cfg, data_root, tmp_path_fac
 
 def test_quickstart_outputs_exist_and_parse(tmp_path):
     out = str(tmp_path / "qat")
-    settings = _parse(["--flagfile=experiments/quickstart.cfg", "--smoke", f"--output_dir={out}",
+    settings = parse_train_flags(["--flagfile=experiments/quickstart.cfg", "--smoke", f"--output_dir={out}",
                        f"--erm_cache_dir={tmp_path}/erm", "--verbose=0"])
     assert settings["method"] == "fqat" and settings["dataset"] == "rotated_mnist_5k"
     results = trainer.run(settings)
@@ -95,7 +83,7 @@ def test_quickstart_outputs_exist_and_parse(tmp_path):
     assert os.path.isfile(tmp_path / "erm" / erm_dirs[0] / rundir.RUN_LOCK)
     assert len(erm_dirs) == 1 and rundir.is_finished(str(tmp_path / "erm" / erm_dirs[0]))
     mtime = os.path.getmtime(tmp_path / "erm" / erm_dirs[0] / rundir.RESULTS)
-    again = _parse(["--flagfile=experiments/quickstart.cfg", "--smoke", "--method=lsq",
+    again = parse_train_flags(["--flagfile=experiments/quickstart.cfg", "--smoke", "--method=lsq",
                     f"--output_dir={tmp_path}/lsq", f"--erm_cache_dir={tmp_path}/erm",
                     "--verbose=0"])
     trainer.run(again)
@@ -194,7 +182,7 @@ def test_resume_after_kill_continues_and_matches_uninterrupted_run(tmp_path):
 ])
 def test_bad_flags_name_the_flag(args, flag):
     with pytest.raises(app.UsageError, match=f"--{flag}"):
-        _parse(args)
+        parse_train_flags(args)
 
 
 def test_bad_flag_exits_non_zero_before_any_work(tmp_path):
@@ -213,14 +201,14 @@ def test_output_dir_with_other_settings_is_refused(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(out)
     rundir.write_json(os.path.join(out, rundir.FLAGS_JSON), {"method": "lsq", "steps": 3})
-    settings = _parse(["--smoke", "--method=fqat", f"--output_dir={out}",
+    settings = parse_train_flags(["--smoke", "--method=fqat", f"--output_dir={out}",
                        f"--erm_cache_dir={tmp_path}/erm", "--erm_steps=0", "--verbose=0"])
     with pytest.raises(trainer.RunError, match="other settings"):
         trainer.run(settings)
 
 
 def test_method_aliases_resolve():
-    s = _parse(["--method=ewgs_sagm"])
+    s = parse_train_flags(["--method=ewgs_sagm"])
     assert (s["method"], s["quantizer"]) == ("lsq_sagm", "ewgs")
-    s = _parse(["--method=erm"])
+    s = parse_train_flags(["--method=erm"])
     assert s["quantizer"] == "lsq" and s["output_dir"].endswith(os.path.join("0", "seed0"))
