@@ -7,7 +7,7 @@
     model.fit(dataset, callbacks=[fqat_tf.DisorderFreezeCallback(interval=300, threshold=0.3)])
 
 For an integer TFLite model that matches the trained one, train the 8-bit storage too:
-`qmodel = export.storage.int8_storage_model(qmodel)`, then `calibrate_scales` and
+`qmodel = fqat_tf.storage.int8_storage_model(qmodel)`, then `calibrate_scales` and
 `fqat_tf.calibrate_ranges(qmodel, dataset)` before training (`fqat_tf.int8_storage`).
 """
 import sys

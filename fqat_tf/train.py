@@ -46,7 +46,7 @@ flags.DEFINE_integer("activation_bits", defaults.ACTIVATION_BITS, "Activation bi
 flags.DEFINE_bool("per_channel", defaults.PER_CHANNEL, "Per-channel weight steps.")
 flags.DEFINE_bool("int8_storage", defaults.INT8_STORAGE,
                   "Train with the 8-bit storage of the integer TFLite export simulated "
-                  "(export.storage): the exported model then matches the trained one.")
+                  "(fqat_tf.storage): the exported model then matches the trained one.")
 flags.DEFINE_float("ewgs_delta", defaults.EWGS_DELTA, "EWGS delta (fixed mode / initial).")
 flags.DEFINE_enum("ewgs_delta_mode", defaults.EWGS_DELTA_MODE, ["fixed", "hessian"],
                   "EWGS delta: fixed, or refreshed from a Hutchinson Hessian-trace estimate.")

@@ -11,8 +11,8 @@ import tensorflow as tf
 from absl import flags as absl_flags
 
 import fqat_tf
-from export.storage import int8_storage_model
 from fqat_tf import rundir
+from fqat_tf.storage import int8_storage_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
 """Slow: int8 TFLite export of a ResNet-18 (width 64) trained on RotatedMNIST, at W8A8, W4A4
 and W3A3, against its Keras fake-quant model on the held-out 75-degree domain; with the paper's
-recipe and with int8 storage in training (`export.storage.int8_storage_model`).
+recipe and with int8 storage in training (`fqat_tf.storage.int8_storage_model`).
 
     pytest -m slow tests/test_export_resnet18.py -s
 
@@ -17,8 +17,8 @@ import pytest
 import fqat_tf
 from export import tflite as export_lib
 from export import verify as verify_lib
-from export.storage import int8_storage_model
 from fqat_tf import data, models
+from fqat_tf.storage import int8_storage_model
 
 pytestmark = pytest.mark.slow
 

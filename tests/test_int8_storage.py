@@ -1,4 +1,4 @@
-"""Integer storage in training (`fqat_tf.int8_storage`, `export.storage`): range quantizers,
+"""Integer storage in training (`fqat_tf.int8_storage`, `fqat_tf.storage`): range quantizers,
 int8 kernels and int32 biases, the simulated int8 GroupNorm, and exports that match the trained
 Keras model."""
 import json
@@ -12,8 +12,8 @@ import tensorflow as tf
 import fqat_tf
 from export import tflite as export_lib, verify as verify_lib
 from export.graph import ExportGraph
-from export.storage import int8_storage_model
 from fqat_tf import int8_storage, models
+from fqat_tf.storage import int8_storage_model
 from helpers import compile_fit, mirrored, parse_train_flags, storage_resnet, task
 
 
