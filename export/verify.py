@@ -150,6 +150,10 @@ def _run(args):
 
     if not os.path.isfile(args.tflite):
         raise export_lib.ExportError(f"{args.tflite}: no such .tflite file")
+    if not os.path.isdir(args.run_dir):
+        raise export_lib.ExportError(f"{args.run_dir}: no such run directory")
+    if args.batch_size < 1:
+        raise export_lib.ExportError(f"--batch_size={args.batch_size}: must be >= 1")
     with open(args.tflite, "rb") as f:
         content = f.read()
     try:
@@ -157,10 +161,6 @@ def _run(args):
     except ValueError as e:          # checked before the Keras model and the data load
         raise export_lib.ExportError(f"{args.tflite}: cannot be read as a TFLite model "
                                      f"({e})") from None
-    if not os.path.isdir(args.run_dir):
-        raise export_lib.ExportError(f"{args.run_dir}: no such run directory")
-    if args.batch_size < 1:
-        raise export_lib.ExportError(f"--batch_size={args.batch_size}: must be >= 1")
     flags = export_lib.read_flags(args.run_dir)
     model = export_lib.load_model(os.path.join(args.run_dir, rundir.MODEL))
     from fqat_tf import data
