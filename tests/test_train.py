@@ -122,7 +122,7 @@ def _train_cmd(out, erm, steps):
 def _final_variables(run_dir):
     reader = tf.train.load_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
     names = sorted(k for k in reader.get_variable_to_shape_map()
-                   if k.startswith("model/") and "OPTIMIZER_SLOT" not in k)
+                   if k.startswith(("model/", "variables/")) and "OPTIMIZER_SLOT" not in k)
     return {k: reader.get_tensor(k) for k in names}, reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
 
 
@@ -154,7 +154,8 @@ def test_resume_after_kill_continues_and_matches_uninterrupted_run(tmp_path):
     straight, n1 = _final_variables(str(tmp_path / "straight"))
     resumed, n2 = _final_variables(out)
     assert n1 == n2 == steps
-    assert straight.keys() == resumed.keys() and any("freeze_state" in k for k in straight)
+    # Every variable of the model (the freeze state's included) is saved under variables/.
+    assert straight.keys() == resumed.keys() and any(k.startswith("variables/") for k in straight)
     for k in straight:
         np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
     assert [r["step"] for r in rundir.read_evals(out)] == list(range(4, steps + 1, 4))
