@@ -12,11 +12,10 @@ the delegate's partition. A kernel that holds wider integers (the first conv and
 classifier, trained on their int8 grids) stays int8.
 """
 import dataclasses
-import importlib
 
 import numpy as np
 
-from export.emitter import KERNEL_PREFIX
+from export import flatbuffer
 
 INT4_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 XNNPACK_INT4_OPS = ("FULLY_CONNECTED",)
@@ -40,13 +39,6 @@ class Int4Result:
     builtin: list
 
 
-def _flatbuffers():
-    # Not part of TensorFlow's public API (`tf.lite` has no `tools`), hence the import by name.
-    utils = importlib.import_module("tensorflow.lite.tools.flatbuffer_utils")
-    schema = importlib.import_module("tensorflow.lite.python.schema_py_generated")
-    return utils, schema
-
-
 def pack(values):
     """int8 values in [-8, 7] as packed INT4 bytes: two a byte, the first in the low nibble
     (TFLite's layout); an odd count leaves the last high nibble 0."""
@@ -54,15 +46,6 @@ def pack(values):
     if nibbles.size % 2:
         nibbles = np.append(nibbles, np.uint8(0))
     return nibbles[0::2] | (nibbles[1::2] << 4)
-
-
-def _layer_of(tensor_name):
-    """The Keras layer whose kernel a weight tensor holds (`Emitter.kernel` names it), or
-    None for other constants."""
-    for part in tensor_name.split(";"):
-        if part.startswith(KERNEL_PREFIX):
-            return part[len(KERNEL_PREFIX):]
-    return None
 
 
 def pack_int4_weights(content):
@@ -74,16 +57,15 @@ def pack_int4_weights(content):
     Returns:
       An `Int4Result`.
     """
-    utils, schema = _flatbuffers()
-    model = utils.read_model_from_bytearray(bytearray(content))
+    utils, schema = flatbuffer.modules()
+    model = flatbuffer.read(content)
     int4, int8, builtin = {}, {}, []
     for graph in model.subgraphs:
         for op in graph.operators:
             if len(op.inputs) < 2 or op.inputs[1] < 0:
                 continue
             tensor = graph.tensors[op.inputs[1]]
-            layer = _layer_of(tensor.name.decode() if isinstance(tensor.name, bytes)
-                              else str(tensor.name))
+            layer = flatbuffer.layer_of(tensor)
             if layer is None or tensor.type != schema.TensorType.INT8:
                 continue
             op_name = utils.opcode_to_name(model, op.opcodeIndex)

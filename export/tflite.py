@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from export import int4
+from export import int4, xnnpack
 from export.graph import ExportGraph
 from fqat_tf import cli, defaults, int8_storage, rundir
 from fqat_tf.errors import UserError
@@ -142,7 +142,8 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     Raises:
       export.graph.UnsupportedLayerError: a layer cannot be kept integer (and `allow_float`
         is False).
-      ExportError: the representative data is empty, or `weight_storage` is unknown.
+      ExportError: the representative data is empty, `weight_storage` is unknown, or a layer's
+        requantization is one XNNPACK cannot run (`export.xnnpack`: a dead output tensor).
     """
     if weight_storage not in WEIGHT_STORAGES:
         raise ExportError(f"weight_storage={weight_storage!r}: choose from {WEIGHT_STORAGES}")
@@ -150,6 +151,7 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     ranges = graph.align_ranges(observe_ranges(graph, representative_data, max_batches))
     ranges.update(graph.stored_ranges)
     tflite = _to_tflite(graph, "int8", ranges, int8_io)
+    _check_runnable(tflite)
     packed = None
     if weight_storage == "int4":
         packed = int4.pack_int4_weights(tflite)
@@ -158,6 +160,24 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     return ExportResult(tflite, list(graph.float_layers), graph.requantized,
                         graph.moved_weights, ranges, len(graph.stored_ranges), weight_storage,
                         packed)
+
+
+def _check_runnable(content):
+    problems = xnnpack.requantization_problems(content)
+    if not problems:
+        return
+    p = problems[0]
+    lo, hi = xnnpack.MULTIPLIER_RANGE
+    raise ExportError(
+        f"layer {p['layer']!r} ({p['op']}): requantization multiplier up to "
+        f"{p['multiplier'][1]:.3g} (input scale x kernel scale / output scale), outside "
+        f"[{lo:.3g}, {hi:g}) that XNNPACK (LiteRT's CPU runtime) can run; its output range "
+        f"[{p['output_range'][0]:.3g}, {p['output_range'][1]:.3g}] is narrower than one "
+        f"accumulator step, so the layer's output is (nearly) constant"
+        f"{f' (and {len(problems) - 1} more layer(s))' if len(problems) > 1 else ''}. At 3-4 "
+        f"bits this is the signal dying in the quantized network: fit the input steps on it "
+        f"(fqat_tf.calibrate_scales(source='quantized'), --calibration_source=quantized) "
+        f"or train longer")
 
 
 def convert(model, representative_data, *, int8_io=True, allow_float=False,

@@ -6,7 +6,11 @@ threshold with the least squared error, summed over calibration batches for acti
 LSQ: `s = 2 * mean|v| / sqrt(u)`.
 
 Activation statistics come from the float network (every quantizer bypassed), so the ranges do
-not depend on the data-free initial steps.
+not depend on the data-free initial steps (source "float", the paper's recipe). Source
+"quantized" fits each input step to what the quantized network feeds that layer, the steps
+before it already set: at 3 bits the float network's activations can be far wider than the
+quantized network's (a deep EfficientNet's steps then exceed its inputs' whole range and the
+signal dies), so the steps of a narrow model are best fitted in order.
 """
 import keras
 import numpy as np
@@ -16,6 +20,7 @@ from fqat_tf import defaults, int8_storage, layer_types, quant_ops
 from fqat_tf.wrapper import QuantizeWrapper, quantize_wrappers
 
 METHODS = ("mse", "lsq")
+SOURCES = ("float", "quantized")
 
 
 @tf.function(reduce_retracing=True)
@@ -122,6 +127,53 @@ def _float_probe(qmodel):
     return keras.Model(float_model.inputs, [taps[n] for n in names]), names
 
 
+class _FitInputStep(keras.layers.Layer):
+    """Calls a `QuantizeWrapper` after fitting its input step to the input it receives (when
+    run eagerly: `_fit_in_order`)."""
+
+    def __init__(self, wrapper, fit, **kwargs):
+        super().__init__(name=f"fit_{wrapper.name}", **kwargs)
+        self.wrapper = wrapper
+        self.fit = fit
+
+    def call(self, inputs, *args, **kwargs):
+        if tf.executing_eagerly():
+            self.fit(self.wrapper, inputs)
+        return self.wrapper(inputs, *args, **kwargs)
+
+
+def _fit_in_order(qmodel, batches, method, num_candidates):
+    """Input steps fitted in the order the quantized model computes its layers: each to its
+    input in the quantized model, every step before it already set. One eager pass over the
+    calibration batches as one batch (memory: all of them at once); the squared errors are
+    summed over the batches as for source "float".
+
+    Returns:
+      `{layer name: step}` in that order.
+    """
+    qmodel = layer_types.functional_view(qmodel, "calibrate_scales")
+    sizes = [int(b.shape[0]) for b in batches]
+    steps = {}
+
+    def fit(wrapper, x):
+        if wrapper.name in steps:  # a shared layer: its first call decides
+            return
+        parts = tf.split(tf.cast(x, tf.float32), sizes)
+        step = _fit_steps(lambda: ([p] for p in parts), [wrapper.quantize_config.input_quantizer],
+                          method, num_candidates)[0]
+        wrapper.input_variables["step"].assign(step)
+        steps[wrapper.name] = step
+
+    def call(layer, *args, **kwargs):
+        if isinstance(layer, QuantizeWrapper) and layer.quantize_config.input_quantizer is not None:
+            return _FitInputStep(layer, fit)(*args, **kwargs)
+        return layer(*args, **kwargs)
+
+    fitting = keras.models.clone_model(qmodel, clone_function=lambda l: l, call_function=call)
+    fitting(tf.concat(batches, 0), training=False)
+    return steps
+
+
 def _inputs_only(element):
     return element[0] if isinstance(element, (tuple, list)) else element
 
@@ -164,7 +216,8 @@ def calibrate_ranges(model, dataset, num_batches=defaults.CALIBRATION_BATCHES):
 
 
 def calibrate_scales(qmodel, dataset, num_batches=defaults.CALIBRATION_BATCHES,
-                     method=defaults.CALIBRATION, num_candidates=defaults.CALIBRATION_CANDIDATES):
+                     method=defaults.CALIBRATION, num_candidates=defaults.CALIBRATION_CANDIDATES,
+                     source=defaults.CALIBRATION_SOURCE):
     """Sets every kernel and input step of `qmodel` from data.
 
     Args:
@@ -173,12 +226,17 @@ def calibrate_scales(qmodel, dataset, num_batches=defaults.CALIBRATION_BATCHES,
       num_batches: calibration batches taken from `dataset` for activation ranges.
       method: "mse" (default) or "lsq".
       num_candidates: MSE grid size.
+      source: "float" (default): input steps from the float network's activations, every
+        quantizer bypassed; "quantized": each from the quantized network's input to its layer,
+        fitted in order (see the module docstring).
 
     Returns:
       dict layer name -> {"kernel": step, "input": step} of the values set.
     """
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    if source not in SOURCES:
+        raise ValueError(f"calibration source must be one of {SOURCES}, got {source!r}")
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     wrappers = {w.name: w for w in quantize_wrappers(qmodel)}
@@ -191,6 +249,10 @@ def calibrate_scales(qmodel, dataset, num_batches=defaults.CALIBRATION_BATCHES,
         w.weight_variables["step"].assign(step)
         result[w.name]["kernel"] = step
     batches = _take(dataset, num_batches, "calibrate_scales")
+    if source == "quantized":
+        for name, step in _fit_in_order(qmodel, batches, method, num_candidates).items():
+            result[name]["input"] = step
+        return result
     probe, names = _float_probe(qmodel)
     if not names:
         return result

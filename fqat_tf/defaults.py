@@ -25,6 +25,7 @@ EWGS_HESSIAN_INTERVAL = 500  # steps between delta refreshes in "hessian" mode
 # Initial activation step before calibration: clip range [0, 4) for unsigned inputs.
 ACT_STEP_INIT_RANGE = 4.0
 CALIBRATION = "mse"          # "mse" (Nagel et al. 2021) | "lsq" (2 * mean|v| / sqrt(u))
+CALIBRATION_SOURCE = "float"  # "float" (every quantizer bypassed) | "quantized" (in order)
 CALIBRATION_CANDIDATES = 100
 CALIBRATION_BATCHES = 8
 # Integer storage in training (fqat_tf.int8_storage; off in the paper's recipe): the tensors an

@@ -55,6 +55,9 @@ flags.DEFINE_integer("ewgs_hessian_interval", defaults.EWGS_HESSIAN_INTERVAL,
 flags.DEFINE_enum("act_grad_count", defaults.ACT_GRAD_COUNT, ["per_example", "per_batch"],
                   "LSQ gradient-scale element count for activation steps.")
 flags.DEFINE_enum("calibration", defaults.CALIBRATION, ["mse", "lsq"], "Scale initialisation.")
+flags.DEFINE_enum("calibration_source", defaults.CALIBRATION_SOURCE, ["float", "quantized"],
+                  "Activations the input steps are fitted to: the float network's, or the "
+                  "quantized network's, layer by layer (for 3-4 bit edge models).")
 flags.DEFINE_integer("calibration_batches", defaults.CALIBRATION_BATCHES,
                      "Batches of the training stream used to calibrate activation steps.")
 flags.DEFINE_integer("steps", defaults.QAT_STEPS, "Steps of the run's own stage.")

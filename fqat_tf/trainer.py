@@ -40,6 +40,8 @@ ERM_KEYS = ("dataset", "data_dir", "test_domains", "backbone", "width", "image_s
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = ("output_dir", "erm_cache_dir", "verbose", "eval_batch_size", "jit_compile",
                   "strategy", "deterministic")
+# Settings added after runs were made: a flags.json without one holds a run at its default.
+ADDED_SETTINGS = {"calibration_source": defaults.CALIBRATION_SOURCE}
 DISORDER_HEADER = ("step", "variable", "disorder", "flat_disorder", "mask")
 GRADIENTS_HEADER = ("step", "variable", "g_va", "g_flat", "applied")
 
@@ -74,7 +76,7 @@ def check_settings(s, run_dir):
     path = os.path.join(run_dir, rundir.FLAGS_JSON)
     if not os.path.exists(path):
         return "free"
-    old = rundir.read_json(path)
+    old = {**ADDED_SETTINGS, **rundir.read_json(path)}
     differ = sorted(k for k in set(old) | set(s)
                     if k not in RESUMABLE_KEYS and old.get(k) != s.get(k))
     if differ:
@@ -252,7 +254,8 @@ def train_stage(s, run_dir, inputs, start_from=None):
         if quantized(s):
             stream = inputs.train_stream()
             calibration.calibrate_scales(qmodel, stream, s["calibration_batches"],
-                                         method=s["calibration"])
+                                         method=s["calibration"],
+                                         source=s["calibration_source"])
             calibration.calibrate_ranges(qmodel, stream, s["calibration_batches"])
     else:
         files = _RunFiles(run_dir, restored)

@@ -7,7 +7,8 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import fqat_tf
-from export import fold, tflite as export_lib, verify as verify_lib
+from fqat_tf.storage import int8_storage_model
+from export import fold, tflite as export_lib, verify as verify_lib, xnnpack
 from export.graph import ExportGraph, UnsupportedLayerError, nested_range
 from helpers import compile_fit, randomize_batchnorm, resnet_like, task
 
@@ -208,6 +209,32 @@ def test_unsupported_layer_is_named_or_left_float():
     assert verify_lib.float_tensors(result.tflite)
     with pytest.raises(export_lib.ExportError, match="empty"):
         export_lib.export(qmodel, [], allow_float=True)
+
+
+def test_dead_layer_that_xnnpack_cannot_run_is_refused_by_name(monkeypatch):
+    # A conv whose quantized input is all zero outputs its bias, a constant: its output range is
+    # narrower than one accumulator step, a requantization XNNPACK fails to prepare.
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inputs)
+    h = keras.layers.Conv2D(4, 1, name="dead")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(h))
+    smodel = int8_storage_model(fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4))
+    x = np.random.default_rng(6).normal(size=(16, 8, 8, 3)).astype("float32")
+    fqat_tf.calibrate_scales(smodel, [x], num_batches=1)
+    fqat_tf.calibrate_ranges(smodel, [x], num_batches=1)
+    assert not xnnpack.requantization_problems(export_lib.export(smodel, [x]).tflite)
+    smodel.get_layer("dead").input_variables["step"].assign(1e3)
+    fqat_tf.calibrate_ranges(smodel, [x], num_batches=1)
+    with pytest.raises(export_lib.ExportError, match="layer 'dead' \\(CONV_2D\\).*XNNPACK"):
+        export_lib.export(smodel, [x])
+    # The file the check refuses is one LiteRT's default runtime cannot prepare.
+    monkeypatch.setattr(export_lib, "_check_runnable", lambda content: None)
+    content = export_lib.export(smodel, [x]).tflite
+    assert xnnpack.requantization_problems(content)[0]["layer"] == "dead"
+    with pytest.raises(RuntimeError, match="XNNPACK"):
+        Interpreter(model_content=content).allocate_tensors()
 
 
 def test_depthwise_concat_pooling_and_per_channel_dense():

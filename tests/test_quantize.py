@@ -298,3 +298,28 @@ def test_calibrate_scales_uses_float_activations():
                                .mean(0).mean(0) / np.sqrt(7), rtol=1e-5)
     with pytest.raises(ValueError, match="empty"):
         fqat_tf.calibrate_scales(qmodel, [], num_batches=1)
+
+
+def test_calibrate_scales_in_order_fits_each_step_to_the_quantized_network():
+    model = tiny_resnet()
+    qmodel = fqat_tf.quantize_model(model, weight_bits=3, activation_bits=3)
+    x1, _ = _data(seed=1)
+    x2, _ = _data(seed=2, n=5)
+    floats = fqat_tf.calibrate_scales(qmodel, [x1, x2], num_batches=2)
+    steps = fqat_tf.calibrate_scales(qmodel, [x1, x2], num_batches=2, source="quantized")
+    configs = _configs(qmodel)
+    for name in ("conv1", "block_conv1", "block_conv2", "downsample"):
+        # Independent reference: what the quantized model, with every step now set, feeds the
+        # layer; the steps before it are final, so its own step is the MSE fit to that input.
+        tap = keras.Model(qmodel.input, qmodel.get_layer(name).input)
+        want = calibration.mse_step([tap(x1, training=False), tap(x2, training=False)],
+                                    configs[name].input_quantizer)
+        np.testing.assert_allclose(steps[name]["input"], want, rtol=1e-6)
+        np.testing.assert_allclose(qmodel.get_layer(name).input_variables["step"].numpy(), want,
+                                   rtol=1e-6)
+    # The first conv sees the images either way; the layers after it see quantized inputs.
+    np.testing.assert_allclose(steps["conv1"]["input"], floats["conv1"]["input"], rtol=1e-6)
+    assert not np.allclose(steps["block_conv2"]["input"], floats["block_conv2"]["input"],
+                           rtol=1e-3)
+    with pytest.raises(ValueError, match="source"):
+        fqat_tf.calibrate_scales(qmodel, [x1], num_batches=1, source="int8")

@@ -121,7 +121,7 @@ def deterministic():
     ["--method=lsq_sagm"] + QUANTIZED,
     ["--method=fqat"] + QUANTIZED,
     ["--method=ewgs", "--ewgs_delta_mode=hessian", "--ewgs_hessian_interval=3"] + QUANTIZED,
-    ["--method=fqat", "--int8_storage"] + QUANTIZED,
+    ["--method=fqat", "--int8_storage", "--calibration_source=quantized"] + QUANTIZED,
 ], ids=["erm", "lsq", "lsq_sagm", "fqat", "ewgs_hessian", "fqat_int8_storage"])
 def test_every_method_reruns_bit_identical(method, tmp_path, deterministic):
     states, results = [], []
