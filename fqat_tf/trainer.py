@@ -40,7 +40,8 @@ ERM_KEYS = ("dataset", "data_dir", "test_domains", "backbone", "width", "image_s
 # Settings that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = ("output_dir", "erm_cache_dir", "verbose", "eval_batch_size", "jit_compile",
                   "strategy", "deterministic")
-# Settings added after runs were made: a flags.json without one holds a run at its default.
+# Settings added after runs were made: settings without one (an older flags.json, an ERM
+# stage's) hold its default.
 ADDED_SETTINGS = {"calibration_source": defaults.CALIBRATION_SOURCE}
 DISORDER_HEADER = ("step", "variable", "disorder", "flat_disorder", "mask")
 GRADIENTS_HEADER = ("step", "variable", "g_va", "g_flat", "applied")
@@ -76,11 +77,16 @@ def check_settings(s, run_dir):
     path = os.path.join(run_dir, rundir.FLAGS_JSON)
     if not os.path.exists(path):
         return "free"
-    old = {**ADDED_SETTINGS, **rundir.read_json(path)}
+    old = rundir.read_json(path)
+
+    def value(settings, key):  # a setting added later holds its default where it is missing
+        return settings.get(key, ADDED_SETTINGS.get(key))
+
     differ = sorted(k for k in set(old) | set(s)
-                    if k not in RESUMABLE_KEYS and old.get(k) != s.get(k))
+                    if k not in RESUMABLE_KEYS and value(old, k) != value(s, k))
     if differ:
-        shown = ", ".join(f"{k}: {old.get(k)!r} there, {s.get(k)!r} here" for k in differ[:4])
+        shown = ", ".join(f"{k}: {value(old, k)!r} there, {value(s, k)!r} here"
+                          for k in differ[:4])
         raise RunError(f"{run_dir} holds a {'finished ' if rundir.is_finished(run_dir) else ''}"
                        f"run with other settings ({shown}{', ...' if len(differ) > 4 else ''});"
                        f" choose another --output_dir or delete that run")
