@@ -4,6 +4,7 @@ float one and the converter's own post-training int8 model.
     python benchmarks/tflite_latency.py                          # ResNet-18, 224x224, W4A4
     python benchmarks/tflite_latency.py runs/quickstart/qat      # a trained run directory
     python benchmarks/tflite_latency.py --backbone mnist_cnn --input_shape 28,28,1 --bits 4
+    python benchmarks/tflite_latency.py --application MobileNetV2   # a keras.applications model
 
 All four are the same network with BatchNorm folded: ours from `export.tflite` (int8 weights,
 and `--weight_storage=int4`), the float one from `export.tflite.convert_float` (no fake-quant
@@ -15,7 +16,9 @@ median of each is reported with the number of XNNPACK partitions (an op the dele
 take splits the graph and runs on LiteRT's built-in kernels). Targets: int8 at most 0.35x float
 and no slower than the converter's int8; size at most 0.27x float (int8 weights) and 0.15x
 (int4 weights). A network built here (no run directory) has random weights, calibrated on
-random images: latency and size do not depend on the values.
+random images: latency and size do not depend on the values. A keras.applications model
+(`--application`) is quantized with per-channel steps and int8 storage (its activations need
+it), its steps fitted on the quantized network.
 """
 import argparse
 import os
@@ -114,14 +117,26 @@ def build_models(args):
     else:
         shape = tuple(int(d) for d in args.input_shape.split(","))
         keras.utils.set_random_seed(0)
-        float_model = models.build_backbone(args.backbone, args.num_classes, shape, args.width)
-        model = fqat_tf.quantize_model(float_model, weight_bits=args.bits,
-                                       activation_bits=args.bits)
         rng = np.random.default_rng(0)
         batches = [rng.normal(size=(8,) + shape).astype(np.float32) for _ in range(2)]
-        fqat_tf.calibrate_scales(model, batches, num_batches=2)
-        name = (f"{args.backbone} width {args.width or 'default'} {args.input_shape} "
-                f"W{args.bits}A{args.bits}")
+        if args.application:
+            from fqat_tf.storage import int8_storage_model
+
+            float_model = getattr(keras.applications, args.application)(
+                weights=None, input_shape=shape, classes=args.num_classes)
+            model = int8_storage_model(fqat_tf.quantize_model(
+                float_model, weight_bits=args.bits, activation_bits=args.bits, per_channel=True))
+            fqat_tf.calibrate_scales(model, batches, num_batches=2, source="quantized")
+            fqat_tf.calibrate_ranges(model, batches, num_batches=2)
+            name = f"{args.application} {args.input_shape} W{args.bits}A{args.bits}"
+        else:
+            float_model = models.build_backbone(args.backbone, args.num_classes, shape,
+                                                args.width)
+            model = fqat_tf.quantize_model(float_model, weight_bits=args.bits,
+                                           activation_bits=args.bits)
+            fqat_tf.calibrate_scales(model, batches, num_batches=2)
+            name = (f"{args.backbone} width {args.width or 'default'} {args.input_shape} "
+                    f"W{args.bits}A{args.bits}")
     contents = {
         "float": export_lib.convert_float(model),
         "int8": export_lib.export(model, batches, max_batches=None).tflite,
@@ -136,6 +151,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", nargs="?", help="run directory (default: build --backbone)")
     p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--application", help="a keras.applications model (e.g. MobileNetV2) "
+                                          "instead of --backbone")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--input_shape", default="224,224,3")
     p.add_argument("--num_classes", type=int, default=7)

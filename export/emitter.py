@@ -37,7 +37,7 @@ def kernel_name(layer_name):
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a learned b-bit grid `[lo, hi] * step` sits in its int8 tensor: FakeQuant range
-    `[lo8, hi8] * step` (255 steps), and whether the upper bound needs a clip op.
+    `[lo8, hi8] * step` (255 steps), and whether the upper bound needs a clip (`Emitter.spec`).
 
     The int8 tensor saturates at its own ends, so one b-bit bound that coincides with an end
     costs nothing; so does one the values provably never pass (`ExportGraph.layout`).
@@ -73,10 +73,16 @@ class Emitter:
         """The learned quantizer; at 8 bits on the int8 grid of its step.
 
         `layout`: where the b-bit grid sits in the int8 tensor ("int8" mode, `Layout`).
-        `requantize`: `x` carries another fake-quant already; the clip op (if any) comes
-        first, then `requantize` carries the values to the new scale (left alone, the
-        converter would merge the two FakeQuants into one). `on_grid`: `x` holds values of
-        this grid already (after a passthrough layer), so no clip is needed.
+        `requantize`: `x` carries another fake-quant already, so `requantize` carries the
+        values to the new scale (left alone, the converter would merge the two FakeQuants
+        into one). `on_grid`: `x` holds values of this grid already (after a passthrough
+        layer), so no clip is needed.
+
+        A grid whose upper bound needs a clip (`layout.clip_hi`) is clipped by saturation
+        twice: first on an int8 tensor whose maximum is the grid's maximum, then, requantized
+        exactly to the same step, on the bottom layout whose minimum is the grid's minimum.
+        XNNPACK runs both ops; an int8 MINIMUM it does not, and each one would split its
+        partition.
         """
         s = spec.step
         if self.mode == "float":
@@ -84,7 +90,11 @@ class Emitter:
         if self.mode == "observe":
             return quant_ops.grid_quantize(x, s, spec.lo, spec.hi)
         if not on_grid and layout.clip_hi:
-            x = tf.minimum(x, spec.hi * s)
+            if requantize:
+                x = self.requantize(x)
+            x = tf.quantization.fake_quant_with_min_max_args(x, (spec.hi - 255) * s, spec.hi * s,
+                                                             num_bits=8)
+            requantize = True
         if requantize:
             x = self.requantize(x)
         return tf.quantization.fake_quant_with_min_max_args(x, layout.lo8 * s, layout.hi8 * s,

@@ -9,8 +9,8 @@ accepts on activations); "range" tensors get an 8-bit FakeQuant on the range the
 (int8 storage) or the representative data shows; "inherit" tensors carry their source's
 fake-quant once more. Two FakeQuants in a row, or one tensor read under several scales, are
 merged by the converter into one scale; so a tensor read by several different quantizers (a
-residual block's input) gets a "range" fake-quant and each reader requantizes it behind its own
-clip op.
+residual block's input) gets a "range" fake-quant and each reader requantizes it onto its own
+grid.
 
 Kernels: a learned b-bit kernel is folded with its BatchNorm into per-channel int8 scales that
 hold the same integers (`export.fold`); float kernels (the first conv, the classifier) get
@@ -284,8 +284,9 @@ class ExportGraph:
         An 8-bit grid fills the int8 tensor. A narrower one sits at the top of it (the int8
         maximum is the b-bit maximum: saturation clips there) when the graph proves the values
         never fall below the b-bit minimum (`StoragePlan.bounds`: a ReLU output for an
-        unsigned grid, a hard-swish output above `lo * step`), so no clip op is needed at
-        all; otherwise at the bottom, with one clip op at the top. The bounds lose half a grid
+        unsigned grid, a hard-swish output above `lo * step`), so one tensor clips it;
+        otherwise at the bottom, the top clipped by a tensor before it (`Emitter.spec`: one
+        more exact requantization). The bounds lose half a grid
         step to each rounding on the way (`requantized`: `key`'s own grid is another one, so
         its rounding counts too).
         """

@@ -10,8 +10,9 @@ fake-quant on every other tensor from ranges seen on a representative sample of 
 domains) and converted without a representative dataset: every scale is already in the graph.
 A run directory supplies the sample through its flags.json; a bare .keras file needs the data
 options, or `--random_representative` (random images: ranges that fit no real input).
-`--weight_storage=int4` stores the learned kernels whose integers fit in 4 bits as INT4
-(`export.int4`).
+`--weight_storage=int4` stores the learned kernels whose integers fit in 4 bits as INT4 where
+XNNPACK runs them so (dense layers and 1x1 convs, `export.int4`); the others stay int8 and are
+reported.
 Nothing is written unless the whole export succeeds, and the .tflite is written atomically.
 """
 import dataclasses
@@ -73,7 +74,7 @@ class ExportResult:
                "weight_storage": self.weight_storage}
         if self.int4 is not None:
             out.update({"int4_kernels": self.int4.int4, "int8_kernels": self.int4.int8,
-                        "int4_outside_xnnpack": self.int4.builtin})
+                        "int4_as_fully_connected": self.int4.as_fully_connected})
         return out
 
 
@@ -134,7 +135,8 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
       allow_float: leave layers with no integer lowering float instead of raising.
       max_batches: batches taken from `representative_data` (None: all).
       weight_storage: "int8", or "int4" to store the kernels whose integers fit in 4 bits
-        as INT4 (`export.int4`; the others stay int8 and are reported).
+        as INT4 where XNNPACK runs them so (`export.int4`; the others stay int8 and are
+        reported).
 
     Returns:
       An `ExportResult`.
@@ -259,7 +261,8 @@ def _parse(argv):
                    help="leave layers with no integer lowering float (they are reported)")
     p.add_argument("--weight_storage", choices=WEIGHT_STORAGES,
                    default=defaults.EXPORT_WEIGHT_STORAGE,
-                   help="int4: learned kernels whose integers fit in 4 bits as INT4 tensors")
+                   help="int4: learned kernels whose integers fit in 4 bits as INT4 tensors, where "
+                        "XNNPACK runs them (dense layers, 1x1 convs)")
     data = p.add_argument_group("data for a bare .keras file (a run directory has flags.json)")
     data.add_argument("--dataset")
     data.add_argument("--data_dir")

@@ -192,9 +192,9 @@ def test_block_runs_on_tflites_int8_kernels(name):
     it.allocate_tensors()
     ops = collections.Counter(op["op_name"] for op in it._get_ops_details())
     assert OPS[name] <= set(ops)
-    # No clip op: every learned grid here sits where saturation clips it, but the first
-    # conv's signed one, whose input (an affine of the pixels) has no bound.
-    assert ops["MINIMUM"] <= 1 and ops["MAXIMUM"] == 0
+    # No clip op: saturation clips every learned grid (the first conv's signed one, whose
+    # input has no bound, on two tensors).
+    assert ops["MINIMUM"] == 0 and ops["MAXIMUM"] == 0
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
