@@ -208,6 +208,17 @@ def test_output_dir_with_other_settings_is_refused(tmp_path):
         trainer.run(settings)
 
 
+def test_settings_added_later_match_an_older_run_at_their_default(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    settings = parse_train_flags(["--smoke", f"--output_dir={out}"])
+    older = {k: v for k, v in settings.items() if k != "calibration_source"}
+    rundir.write_json(os.path.join(out, rundir.FLAGS_JSON), older)
+    assert trainer.check_settings(settings, out) == "same"
+    with pytest.raises(trainer.RunError, match="calibration_source: 'float' there, 'quantized'"):
+        trainer.check_settings({**settings, "calibration_source": "quantized"}, out)
+
+
 def test_method_aliases_resolve():
     s = parse_train_flags(["--method=ewgs_sagm"])
     assert (s["method"], s["quantizer"]) == ("lsq_sagm", "ewgs")
