@@ -107,8 +107,7 @@ class Emitter:
         """
         name = layer_name if part is None else f"{layer_name}/{part}"
         if self.mode == "observe" and name in self.stored:
-            lo, hi = self.stored[name]
-            return tf.quantization.fake_quant_with_min_max_args(x, lo, hi, num_bits=8)
+            return int8_storage.range_quantize(x, *self.stored[name])
         if self.mode == "observe":
             lo, hi = tf.reduce_min(x), tf.reduce_max(x)
             if clip is not None:

@@ -20,14 +20,14 @@ own.
   int8 grid, and a bias on TFLite's int32 grid (input step times kernel scale):
   `QuantizeWrapper(int8_storage=True)`.
 
-Ranges are whole (`effective_range`): they contain 0 and are at least `MIN_RANGE` wide, and
-`tf.quantization.fake_quant_with_min_max_vars` nudges them exactly as the TFLite converter does.
+Ranges are whole (`effective_range`): they contain 0 and are at least `MIN_RANGE` wide, and are
+nudged and rounded as the integer model does (`range_quantize`).
 """
 import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import defaults
+from fqat_tf import defaults, int8_kernels
 
 INT8_WEIGHT_MAX = 127          # TFLite's int8 weights: symmetric, in [-127, 127]
 MIN_WEIGHT_SCALE = 1e-12       # an all-zero channel still gets a positive scale
@@ -43,6 +43,32 @@ def effective_range(lo, hi):
         return lo, max(hi, lo + MIN_RANGE)
     lo, hi = tf.minimum(lo, 0.0), tf.maximum(hi, 0.0)
     return lo, tf.maximum(hi, lo + MIN_RANGE)
+
+
+def range_quantize(x, lo, hi):
+    """`x` on the int8 grid of the FakeQuant range `[lo, hi]`, as the integer model stores it.
+
+    The grid is the converter's (`int8_kernels.quantization_params`: the range nudged so that
+    0 is on it), and `x` is rounded relative to 0, half to even, as XNNPACK requantizes
+    (`round(x / scale) + zero_point`). `tf.quantization.fake_quant_with_min_max_vars` rounds
+    `x - min` instead, which keeps fewer bits the farther `x` is from the range's minimum:
+    values up to about 4e-5 of a step from a rounding boundary round the other way than
+    `x / scale` does. Rounded relative to 0, the float32 error shrinks with `|x|`, as that of
+    the integer kernel's own float32 requantization does (docs/algorithm.md §5). The gradient
+    is FakeQuant's: 1 inside the nudged range, 0 outside.
+
+    Args:
+      x: a tensor (computed in float32, returned in its dtype).
+      lo, hi: float32 scalars, the effective range (`effective_range`).
+    """
+    scale, zero = int8_kernels.quantization_params(lo, hi)
+    x32 = tf.cast(x, tf.float32)
+    y = int8_kernels.from_int8(int8_kernels.to_int8(x32, scale, zero), scale, zero)
+    low = int8_kernels.from_int8(int8_kernels.INT8_MIN, scale, zero)
+    high = int8_kernels.from_int8(int8_kernels.INT8_MAX, scale, zero)
+    inside = tf.logical_and(x32 >= low, x32 <= high)
+    return tf.cast(tf.where(inside, x32 + tf.stop_gradient(y - x32), tf.stop_gradient(y)),
+                   x.dtype)
 
 
 def abs_max_scales(values, per_channel=True):
@@ -109,8 +135,7 @@ class _Range:
     def quantize(self, x, initialized):
         lo, hi = effective_range(tf.convert_to_tensor(self.min), tf.convert_to_tensor(self.max))
         x32 = tf.cast(x, tf.float32)
-        q = tf.quantization.fake_quant_with_min_max_vars(x32, tf.stop_gradient(lo),
-                                                         tf.stop_gradient(hi), num_bits=8)
+        q = range_quantize(x32, tf.stop_gradient(lo), tf.stop_gradient(hi))
         return tf.cast(tf.where(initialized, q, x32), x.dtype)
 
     def numpy(self):

@@ -12,7 +12,7 @@ import tensorflow as tf
 import fqat_tf
 from export import tflite as export_lib, verify as verify_lib
 from export.graph import ExportGraph
-from fqat_tf import int8_storage, models
+from fqat_tf import int8_kernels, int8_storage, models
 from fqat_tf.storage import int8_storage_model
 from helpers import compile_fit, mirrored, parse_train_flags, storage_resnet, task
 
@@ -35,6 +35,35 @@ def test_range_quantize_is_identity_until_calibrated_then_on_the_8bit_grid():
     scale = 4.0 / 255.0
     y = model(np.array([[-1.0, 0.3, 4.0]], np.float32)).numpy()
     np.testing.assert_allclose(y, [[-64 * scale, 19 * scale, 191 * scale]], rtol=1e-6)
+
+
+def test_range_quantize_rounds_near_a_boundary_as_the_integer_kernel_does():
+    # A range whose zero point sits near its top (a residual sum of mostly negative values):
+    # FakeQuant rounds x - min, 111 units away, and loses the last bits that decide values
+    # close to a rounding boundary. The integer kernel rounds x / scale.
+    lo, hi = -111.17548370361328, 1.3235175609588623
+    scale, zero = (v.numpy() for v in int8_kernels.quantization_params(lo, hi))
+    rng = np.random.default_rng(0)
+    k = rng.integers(-128 - int(zero), 127 - int(zero), size=20000)
+    # float32 values 1.2e-5 to 3e-5 of a step from the boundary between k and k + 1 steps:
+    # farther than float32's relative error of x / scale (at most 1.5e-5 of a step at 250
+    # steps from 0), nearer than FakeQuant's (up to about 4e-5 here).
+    offset = rng.choice([-1.0, 1.0], size=k.shape) * rng.uniform(1e-5, 4e-5, size=k.shape)
+    x = ((k + 0.5 + offset) * np.float64(scale)).astype(np.float32)
+    steps = x.astype(np.float64) / np.float64(scale)
+    x = x[(np.abs(steps - k - 0.5) >= 1.2e-5) & (np.abs(steps - k - 0.5) <= 3e-5)]
+    exact = np.round(x.astype(np.float64) / np.float64(scale))
+    assert len(x) > 5000
+    y = int8_storage.range_quantize(tf.constant(x), lo, hi).numpy()
+    np.testing.assert_array_equal(np.round(y.astype(np.float64) / np.float64(scale)), exact)
+    fake = tf.quantization.fake_quant_with_min_max_vars(tf.constant(x), lo, hi).numpy()
+    assert (np.round(fake.astype(np.float64) / np.float64(scale)) != exact).mean() > 0.02
+    # FakeQuant's gradient: through inside the nudged range, zero outside it.
+    inputs = tf.constant([-200.0, -1.0, 0.5, 200.0])
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        out = int8_storage.range_quantize(inputs, lo, hi)
+    np.testing.assert_array_equal(tape.gradient(out, inputs), [0.0, 1.0, 1.0, 0.0])
 
 
 def test_range_quantize_moving_average_and_first_training_batch():
