@@ -125,5 +125,4 @@ def pack_int4_weights(content):
             model.buffers[kernel.buffer].data = pack(values)
             kernel.type = schema.TensorType.INT4
             int4[layer] = int(values.size)
-    return Int4Result(bytes(utils.convert_object_to_bytearray(model)), int4, int8,
-                      as_fully_connected)
+    return Int4Result(flatbuffer.write(model), int4, int8, as_fully_connected)

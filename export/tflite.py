@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from export import int4, xnnpack
+from export import flatbuffer, int4, xnnpack
 from export.graph import ExportGraph
 from fqat_tf import cli, defaults, int8_storage, rundir
 from fqat_tf.errors import UserError
@@ -152,7 +152,7 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     graph = ExportGraph(model, allow_float=allow_float)
     ranges = graph.align_ranges(observe_ranges(graph, representative_data, max_batches))
     ranges.update(graph.stored_ranges)
-    tflite = _to_tflite(graph, "int8", ranges, int8_io)
+    tflite = flatbuffer.compact(_to_tflite(graph, "int8", ranges, int8_io))
     _check_runnable(tflite)
     packed = None
     if weight_storage == "int4":
