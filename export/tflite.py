@@ -12,7 +12,7 @@ A run directory supplies the sample through its flags.json; a bare .keras file n
 options, or `--random_representative` (random images: ranges that fit no real input).
 `--weight_storage=int4` stores the learned kernels whose integers fit in 4 bits as INT4 where
 XNNPACK runs them so (dense layers and 1x1 convs, `export.int4`); the others stay int8 and are
-reported.
+reported. The flatbuffer stores each distinct quantization vector once (`export.flatbuffer`).
 Nothing is written unless the whole export succeeds, and the .tflite is written atomically.
 """
 import dataclasses

@@ -69,8 +69,8 @@ def test_export_stores_each_zero_point_vector_once_and_the_model_is_unchanged(ex
     # The kernels and biases of the 7 convs of 24 channels hold one vector of 24 zeros.
     assert repeated >= (2 * 7 - 1) * 24 * 8
     assert len(plain) - len(content) >= repeated
-    # The runtime reads the same quantization and computes the same integers, with XNNPACK
-    # and with LiteRT's built-in kernels.
+    # LiteRT verifies the flatbuffer as it loads it, reads the same quantization and computes
+    # the same integers, with XNNPACK and with its built-in kernels.
     assert _quantization(content) == _quantization(plain)
     for builtin in (False, True):
         np.testing.assert_array_equal(_run(content, x, builtin), _run(plain, x, builtin))
