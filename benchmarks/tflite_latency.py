@@ -5,6 +5,7 @@ float one and the converter's own post-training int8 model.
     python benchmarks/tflite_latency.py runs/quickstart/qat      # a trained run directory
     python benchmarks/tflite_latency.py --backbone mnist_cnn --input_shape 28,28,1 --bits 4
     python benchmarks/tflite_latency.py --application MobileNetV2   # a keras.applications model
+    python benchmarks/tflite_latency.py --requantization_cost       # what requantizing costs
 
 All four are the same network with BatchNorm folded: ours from `export.tflite` (int8 weights,
 and `--weight_storage=int4`), the float one from `export.tflite.convert_float` (no fake-quant
@@ -38,6 +39,8 @@ PTQ_TARGET = 1.0                 # int8 / the converter's post-training int8
 SIZE_TARGET = 0.27               # int8 weights / float
 INT4_SIZE_TARGET = 0.15          # int4 weights / float
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16")
+NO_REQUANTIZATION = "int8 without requantizations"
+SAME_SCALE_OPS = ("PAD", "PADV2", "RESHAPE", "MAX_POOL_2D", "SQUEEZE", "EXPAND_DIMS")
 
 
 def machine():
@@ -81,6 +84,41 @@ def interleaved_latency_ms(contents, threads, runs, warmup, seed=0):
             if r >= warmup:
                 spent.append(time.perf_counter() - start)
     return [1e3 * statistics.median(t) for t in times]
+
+
+def without_requantizations(content):
+    """The int8 model with every requantizing MUL cut out (a MUL by a constant scalar: the exact
+    one `export.emitter` multiplies by to move a tensor onto another grid), its readers reading
+    the MUL's input instead. The values are wrong and the graph is otherwise the same: its time
+    against the int8 model's is what those MULs cost.
+
+    Returns:
+      `(flatbuffer, number of MULs cut out)`.
+    """
+    from export import flatbuffer
+
+    utils, _ = flatbuffer.modules()
+    model = flatbuffer.read(content)
+    cut = 0
+    for graph in model.subgraphs:
+        source, kept = {}, []
+        for op in graph.operators:
+            op.inputs = [source.get(i, i) for i in op.inputs]
+            consts = [i for i in op.inputs
+                      if model.buffers[graph.tensors[i].buffer].data is not None
+                      and int(np.prod(graph.tensors[i].shape)) == 1]
+            if utils.opcode_to_name(model, op.opcodeIndex) == "MUL" and len(consts) == 1:
+                source[op.outputs[0]] = next(i for i in op.inputs if i != consts[0])
+                cut += 1
+                continue
+            if utils.opcode_to_name(model, op.opcodeIndex) in SAME_SCALE_OPS:
+                # These ops take one scale on both sides: the output follows the new input.
+                graph.tensors[op.outputs[0]].quantization = graph.tensors[
+                    op.inputs[0]].quantization
+            kept.append(op)
+        graph.operators = kept
+        graph.outputs = [source.get(i, i) for i in graph.outputs]
+    return flatbuffer.write(model), cut
 
 
 def post_training_int8(model, batches):
@@ -144,6 +182,9 @@ def build_models(args):
                                           weight_storage="int4").tflite,
         "converter PTQ int8": post_training_int8(model, batches),
     }
+    if args.requantization_cost:
+        contents[NO_REQUANTIZATION], cut = without_requantizations(contents["int8"])
+        name += f" ({cut} requantizing MULs cut out of '{NO_REQUANTIZATION}')"
     return contents, name
 
 
@@ -160,7 +201,10 @@ def main(argv=None):
     p.add_argument("--threads", default=",".join(str(t) for t in defaults.LATENCY_THREADS))
     p.add_argument("--runs", type=int, default=defaults.LATENCY_RUNS)
     p.add_argument("--warmup", type=int, default=defaults.LATENCY_WARMUP)
-    p.add_argument("--save_dir", help="also write the four .tflite files here")
+    p.add_argument("--save_dir", help="also write the .tflite files here")
+    p.add_argument("--requantization_cost", action="store_true",
+                   help="also time the int8 model with its requantizing MULs cut out (wrong "
+                        "values, timing only): what they cost against the converter's model")
     args = p.parse_args(argv)
     contents, name = build_models(args)
     if args.save_dir:
@@ -184,6 +228,10 @@ def main(argv=None):
         worst = {k: max(worst[k], r) for k, r in zip(worst, ratios)}
         print(f"| {threads} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + " | "
               + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+        if NO_REQUANTIZATION in ms:
+            print(f"{threads} thread(s): {NO_REQUANTIZATION} / PTQ "
+                  f"{ms[NO_REQUANTIZATION] / ms['converter PTQ int8']:.3f}, int8 / "
+                  f"{NO_REQUANTIZATION} {ms['int8'] / ms[NO_REQUANTIZATION]:.3f}")
     print("partitions: " + ", ".join(f"{n} {partitions(c)}" for n, c in contents.items()))
     size = {n: len(c) / len(contents["float"]) for n, c in contents.items()}
     print("size: " + ", ".join(f"{n} {len(c)} B ({size[n]:.3f}x)" for n, c in contents.items()))
