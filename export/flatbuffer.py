@@ -5,7 +5,7 @@ Per-channel quantization gives every kernel and every bias a scale vector (float
 zero-point vector (int64) as long as its output channels. The zero points of a symmetric
 int8 or int4 kernel and of an int32 bias are all 0, so a layer holds 16 bytes a channel of
 zeros, repeated in every layer of the same width: 3% of the float model's size in a MobileNet,
-a fifth of its int4 file. A flatbuffer table may point at a vector another table points at
+a sixth of its int4 file. A flatbuffer table may point at a vector another table points at
 (the format is a graph of offsets; the runtime only reads through them), so `write` stores
 each distinct vector once and each distinct quantization table once. The runtime sees the same
 values.
