@@ -294,3 +294,17 @@ def parse_train_flags(args):
         return train.settings_from_flags()
     finally:
         os.chdir(cwd)
+
+
+def builtin_outputs(content, x):
+    """The outputs of TFLite model `content` on images `x` from LiteRT's built-in kernels (no
+    XNNPACK), input and output converted as `export.verify.TFLiteModel` does."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from export import verify as verify_lib
+
+    runner = verify_lib.TFLiteModel(content)
+    runner.interpreter = Interpreter(
+        model_content=content,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    return runner(x)

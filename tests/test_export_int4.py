@@ -7,12 +7,12 @@ import sys
 import keras
 import numpy as np
 import pytest
-from ai_edge_litert.interpreter import Interpreter, OpResolverType
+from ai_edge_litert.interpreter import Interpreter
 
 import fqat_tf
 from export import int4, tflite as export_lib, verify as verify_lib
 from fqat_tf.storage import int8_storage_model
-from helpers import compile_fit, make_model_run
+from helpers import builtin_outputs, compile_fit, make_model_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,14 +49,6 @@ def storage_cnn():
     return smodel, batches
 
 
-def _builtin(content, x):
-    runner = verify_lib.TFLiteModel(content)
-    runner.interpreter = Interpreter(
-        model_content=content,
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    return runner(x)
-
-
 def _partitions(content):
     it = Interpreter(model_content=content)
     it.allocate_tensors()
@@ -89,8 +81,8 @@ def test_int4_where_xnnpack_runs_it_computes_exactly_the_int8_file(storage_cnn):
     np.testing.assert_array_equal(verify_lib.TFLiteModel(result.tflite)(test_x),
                                   verify_lib.TFLiteModel(int8.tflite)(test_x))
     # So do LiteRT's built-in kernels (a dense layer's FULLY_CONNECTED rounds as a 1x1 conv).
-    np.testing.assert_array_equal(_builtin(result.tflite, test_x),
-                                  _builtin(int8.tflite, test_x))
+    np.testing.assert_array_equal(builtin_outputs(result.tflite, test_x),
+                                  builtin_outputs(int8.tflite, test_x))
     assert verify_lib.float_tensors(result.tflite) == []
 
 
