@@ -104,14 +104,15 @@ def without_requantizations(content):
         source, kept = {}, []
         for op in graph.operators:
             op.inputs = [source.get(i, i) for i in op.inputs]
+            op_name = utils.opcode_to_name(model, op.opcodeIndex)
             consts = [i for i in op.inputs
                       if model.buffers[graph.tensors[i].buffer].data is not None
                       and int(np.prod(graph.tensors[i].shape)) == 1]
-            if utils.opcode_to_name(model, op.opcodeIndex) == "MUL" and len(consts) == 1:
+            if op_name == "MUL" and len(consts) == 1:
                 source[op.outputs[0]] = next(i for i in op.inputs if i != consts[0])
                 cut += 1
                 continue
-            if utils.opcode_to_name(model, op.opcodeIndex) in SAME_SCALE_OPS:
+            if op_name in SAME_SCALE_OPS:
                 # These ops take one scale on both sides: the output follows the new input.
                 graph.tensors[op.outputs[0]].quantization = graph.tensors[
                     op.inputs[0]].quantization

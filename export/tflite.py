@@ -152,13 +152,16 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     graph = ExportGraph(model, allow_float=allow_float)
     ranges = graph.align_ranges(observe_ranges(graph, representative_data, max_batches))
     ranges.update(graph.stored_ranges)
-    tflite = flatbuffer.compact(_to_tflite(graph, "int8", ranges, int8_io))
+    tflite = _to_tflite(graph, "int8", ranges, int8_io)
     _check_runnable(tflite)
     packed = None
     if weight_storage == "int4":
+        # The rewrite writes the file with `export.flatbuffer.write` itself.
         packed = int4.pack_int4_weights(tflite)
         tflite = packed.tflite
         packed = dataclasses.replace(packed, tflite=b"")
+    else:
+        tflite = flatbuffer.compact(tflite)
     return ExportResult(tflite, list(graph.float_layers), graph.requantized,
                         graph.moved_weights, ranges, len(graph.stored_ranges), weight_storage,
                         packed)
