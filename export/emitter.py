@@ -82,8 +82,7 @@ class Emitter:
         twice: first on an int8 tensor whose maximum is the grid's maximum, then, requantized
         exactly to the same step, on the bottom layout whose minimum is the grid's minimum.
         XNNPACK runs both ops; an int8 MINIMUM it does not, and each one would split its
-        partition. Where the ops around it allow, the exporter replaces the requantization
-        that clips the bottom by a fused activation (`export.fused_clip`).
+        partition.
         """
         s = spec.step
         if self.mode == "float":

@@ -27,14 +27,16 @@ FULLY_CONNECTED_VERSION = 5
 
 @dataclasses.dataclass
 class Int4Result:
-    """Where the kernels of a rewritten model are stored in 4 bits.
+    """The rewritten flatbuffer and where its kernels are stored in 4 bits.
 
     Attributes:
+      tflite: the flatbuffer.
       int4: `{layer: kernel element count}` of the kernels stored as INT4.
       int8: `{layer: why its kernel stays int8}`.
       as_fully_connected: the 1x1 convolutions rewritten as FULLY_CONNECTED.
     """
 
+    tflite: bytes
     int4: dict
     int8: dict
     as_fully_connected: list
@@ -85,18 +87,18 @@ def _to_fully_connected(model, schema, op, kernel):
     kernel.shapeSignature = None
 
 
-def pack_int4_weights(model):
-    """Rewrites every layer kernel of `model` that fits in 4 bits and that XNNPACK runs with
-    INT4 weights (FULLY_CONNECTED, and pointwise CONV_2D rewritten as one) as INT4, in place.
+def pack_int4_weights(content):
+    """Rewrites every layer kernel of `content` that fits in 4 bits and that XNNPACK runs with
+    INT4 weights (FULLY_CONNECTED, and pointwise CONV_2D rewritten as one) as INT4.
 
     Args:
-      model: the object tree (`export.flatbuffer.read`) of an int8 TFLite model
-        (`export.tflite.export`).
+      content: an int8 TFLite flatbuffer (`export.tflite.export`).
 
     Returns:
       An `Int4Result`.
     """
     utils, schema = flatbuffer.modules()
+    model = flatbuffer.read(content)
     int4, int8, as_fully_connected = {}, {}, []
     for graph in model.subgraphs:
         for op in graph.operators:
@@ -123,4 +125,4 @@ def pack_int4_weights(model):
             model.buffers[kernel.buffer].data = pack(values)
             kernel.type = schema.TensorType.INT4
             int4[layer] = int(values.size)
-    return Int4Result(int4, int8, as_fully_connected)
+    return Int4Result(flatbuffer.write(model), int4, int8, as_fully_connected)

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from export import flatbuffer, fused_clip, int4, xnnpack
+from export import flatbuffer, int4, xnnpack
 from export.graph import ExportGraph
 from fqat_tf import cli, defaults, int8_storage, rundir
 from fqat_tf.errors import UserError
@@ -54,9 +54,7 @@ class ExportResult:
       trained_ranges: how many of them the model trained itself (int8 storage); the others
         come from the representative data.
       weight_storage: "int8", or "int4" with `int4` saying which kernels are.
-      int4: the `export.int4.Int4Result` of an int4 export, or None.
-      fused_clips: lower-bound clip MULs replaced by a fused activation
-        (`export.fused_clip`).
+      int4: the `export.int4.Int4Result` of an int4 export (without its flatbuffer), or None.
     """
 
     tflite: bytes
@@ -67,14 +65,13 @@ class ExportResult:
     trained_ranges: int = 0
     weight_storage: str = "int8"
     int4: object = None
-    fused_clips: int = 0
 
     def summary(self):
         """The result as a JSON-friendly dict, without the flatbuffer and the ranges."""
         out = {"bytes": len(self.tflite), "float_layers": self.float_layers,
                "requantized": self.requantized, "moved_weights": self.moved_weights,
                "range_tensors": len(self.ranges), "trained_ranges": self.trained_ranges,
-               "weight_storage": self.weight_storage, "fused_clips": self.fused_clips}
+               "weight_storage": self.weight_storage}
         if self.int4 is not None:
             out.update({"int4_kernels": self.int4.int4, "int8_kernels": self.int4.int8,
                         "int4_as_fully_connected": self.int4.as_fully_connected})
@@ -157,12 +154,17 @@ def export(model, representative_data, *, int8_io=True, allow_float=False,
     ranges.update(graph.stored_ranges)
     tflite = _to_tflite(graph, "int8", ranges, int8_io)
     _check_runnable(tflite)
-    tree = flatbuffer.read(tflite)
-    fused_clips = fused_clip.fuse_lower_clips(tree)
-    packed = int4.pack_int4_weights(tree) if weight_storage == "int4" else None
-    return ExportResult(flatbuffer.write(tree), list(graph.float_layers), graph.requantized,
+    packed = None
+    if weight_storage == "int4":
+        # The rewrite writes the file with `export.flatbuffer.write` itself.
+        packed = int4.pack_int4_weights(tflite)
+        tflite = packed.tflite
+        packed = dataclasses.replace(packed, tflite=b"")
+    else:
+        tflite = flatbuffer.compact(tflite)
+    return ExportResult(tflite, list(graph.float_layers), graph.requantized,
                         graph.moved_weights, ranges, len(graph.stored_ranges), weight_storage,
-                        packed, fused_clips)
+                        packed)
 
 
 def _check_runnable(content):

@@ -116,8 +116,7 @@ def test_edge_model_agreement(trained, bits, tmp_path):
     figures = {**{k: report[k] for k in ("agreement", "keras_accuracy", "tflite_accuracy",
                                          "max_logit_diff_steps")},
                "bytes": summary["bytes"], "float_bytes": len(float_model),
-               "requantized": len(summary["requantized"]),
-               "fused_clips": summary["fused_clips"], "int8_ms": round(int8_ms, 3),
+               "requantized": len(summary["requantized"]), "int8_ms": round(int8_ms, 3),
                "float_ms": round(float_ms, 3)}
     int4_logits = None
     if bits <= 4:
