@@ -32,6 +32,10 @@ CALIBRATION_BATCHES = 8
 # int8 model stores on ranges of their own are fake-quantized at 8 bits on the moving average
 # of their batch extremes (set first from the calibration batches).
 INT8_STORAGE = False
+# How a layer reads an input other layers read too (a residual block's input): "learned" (its
+# own b-bit quantizer, the paper) or "stored" (the tensor's 8-bit storage range; no
+# requantizing op in the integer model).
+SHARED_INPUTS = "learned"
 INT8_RANGE_EMA_DECAY = 0.99  # QAT stages are short (hundreds to thousands of steps)
 
 # --- Two-pass step (docs/algorithm.md §2) ---------------------------------------------------------

@@ -8,7 +8,13 @@ only, as in MobileNetV3). An input is quantized unsigned only where the graph pr
 non-negative (it comes from a ReLU, ReLU6, sigmoid, hard-sigmoid or softmax, possibly through
 pooling, padding or an add or product of such tensors; `fqat_tf.activations` holds the
 bounds); otherwise it is signed, so GroupNorm outputs, hard-swish outputs or normalised images
-are never clipped at zero. The model is first flattened (`fqat_tf.flatten`): nested models
+are never clipped at zero.
+
+`shared_inputs="stored"` changes the policy of a conv or dense whose input other layers read
+too (a residual block's input, read by the shortcut): it quantizes its kernel only and reads
+the tensor as the integer model stores it, on the 8-bit range of its own that the shortcut
+needs anyway (docs/algorithm.md §5). The integer model then has no requantizing op, and such
+layers see 8-bit inputs instead of b-bit ones. The model is first flattened (`fqat_tf.flatten`): nested models
 inlined, activations TFLite cannot fuse moved out of convs into layers of their own.
 """
 import logging
@@ -106,18 +112,49 @@ def _filter_predicate(filters):
                      f"got {type(filters).__name__}")
 
 
-def layer_policies(model, overrides=None, filters=None):
+SHARED_INPUTS = ("learned", "stored")
+
+
+def _shared_input_layers(model):
+    """Names of the layers whose input, followed up through passthrough layers read by them
+    alone, is read by another layer call too or is the model output."""
+    view = layer_types.functional_view(model, "quantize_model")
+    readers = {id(t): 1 for t in view.outputs}
+    calls = []
+    for depth in sorted(view._nodes_by_depth, reverse=True):
+        for node in view._nodes_by_depth[depth]:
+            if node.is_input or isinstance(node.operation, keras.layers.InputLayer):
+                continue
+            calls.append((node.operation, list(node.input_tensors)))
+            for t in node.input_tensors:
+                readers[id(t)] = readers.get(id(t), 0) + 1
+    shared = set()
+    for layer, inputs in calls:
+        if not inputs:
+            continue
+        t = inputs[0]
+        while isinstance(_producer(t), layer_types.PASSTHROUGH_TYPES) and readers[id(t)] == 1:
+            t = _input_tensors(_producer(t))[0]
+        if readers[id(t)] > 1:
+            shared.add(layer.name)
+    return shared
+
+
+def layer_policies(model, overrides=None, filters=None,
+                   shared_inputs=defaults.SHARED_INPUTS):
     """Default policy per quantizable layer, regex overrides on layer names, then `filters`.
 
     Args:
       model: a built functional or Sequential model.
       overrides: optional dict `{regex: spec}`; the regex must fully match a layer name; spec is
-        a policy name ("full", "input_only", "float"), a dict with any of `policy`,
-        `weight_bits`, `activation_bits`, or a `QuantizeConfig`.
+        a policy name ("full", "input_only", "weight_only", "float"), a dict with any of
+        `policy`, `weight_bits`, `activation_bits`, or a `QuantizeConfig`.
       filters: optional choice of the layers that quantize at all, as Keras's
         `Model.quantize(filters=...)`: a regex (searched in the layer name), a list of regexes
         (any one found), or a callable `layer -> bool`. A layer left out stays float, whatever
         `overrides` say. A filter that selects no quantizable layer is refused.
+      shared_inputs: "learned" (the paper) or "stored": a "full" layer whose input other
+        layers read too becomes "weight_only" (module docstring). Overrides come after it.
 
     Returns:
       `(specs, unsupported)`: dict layer name -> spec dict, and names of layers with weights
@@ -128,10 +165,14 @@ def layer_policies(model, overrides=None, filters=None):
     denses = [l for l in layers if isinstance(l, keras.layers.Dense)]
     first_conv = convs[0].name if convs else None
     classifier = denses[-1].name if denses else _logits_conv(model)
+    if shared_inputs not in SHARED_INPUTS:
+        raise ValueError(f"shared_inputs must be one of {SHARED_INPUTS}, got {shared_inputs!r}")
+    shared = _shared_input_layers(model) if shared_inputs == "stored" else set()
     specs = {}
     for layer in layers:
         policy = ("input_only" if layer.name == first_conv else
-                  "float" if layer.name == classifier else "full")
+                  "float" if layer.name == classifier else
+                  "weight_only" if layer.name in shared else "full")
         specs[layer.name] = {"policy": policy}
     for pattern, spec in (overrides or {}).items():
         try:
@@ -179,7 +220,8 @@ def init_steps(wrapper):
 def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QUANTIZER,
                    per_channel=defaults.PER_CHANNEL, overrides=None, filters=None,
                    act_grad_count=defaults.ACT_GRAD_COUNT,
-                   weight_grad_count=defaults.WEIGHT_GRAD_COUNT, quantizer_kwargs=None):
+                   weight_grad_count=defaults.WEIGHT_GRAD_COUNT, quantizer_kwargs=None,
+                   shared_inputs=defaults.SHARED_INPUTS):
     """Returns a fake-quantized copy of `model` for QAT; `model` itself is not modified.
 
     Args:
@@ -194,6 +236,9 @@ def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QU
       act_grad_count: "per_example" (default) or "per_batch": LSQ's N for activation steps.
       weight_grad_count: "per_tensor" (default) or "per_channel": LSQ's N for kernel steps.
       quantizer_kwargs: extra quantizer arguments, e.g. `{"delta": 1e-3}` for EWGS.
+      shared_inputs: "learned" (default, the paper) or "stored": a layer whose input other
+        layers read too quantizes its kernel only and reads that input on its 8-bit storage
+        (module docstring; for integer export with `fqat_tf.storage.int8_storage_model`).
 
     Returns:
       A new Keras model with the same layer names (and the activations `fqat_tf.flatten`
@@ -206,7 +251,7 @@ def quantize_model(model, *, weight_bits, activation_bits, quantizer=defaults.QU
     if act_grad_count not in ("per_example", "per_batch"):
         raise ValueError(f"act_grad_count must be 'per_example' or 'per_batch', "
                          f"got {act_grad_count!r}")
-    specs, unsupported = layer_policies(model, overrides, filters)
+    specs, unsupported = layer_policies(model, overrides, filters, shared_inputs)
     configs = {}
     for name, spec in specs.items():
         if "config" in spec:

@@ -10,6 +10,9 @@ Three configs cover the FQAT policy (docs/algorithm.md §1):
 * `WeightInputQuantizeConfig`: a conv or dense quantizes its kernel (signed) and its input.
 * `InputOnlyQuantizeConfig`: the first conv quantizes only its (signed, normalised) input.
 * `NoQuantizeConfig`: the classifier stays float.
+
+A fourth serves integer export: `WeightOnlyQuantizeConfig` quantizes the kernel and leaves the
+input to the 8-bit storage of the integer model (`quantize_model(shared_inputs="stored")`).
 """
 import keras
 
@@ -133,6 +136,17 @@ class InputOnlyQuantizeConfig(QuantizeConfig):
 
 
 @keras.saving.register_keras_serializable(package="fqat_tf")
+class WeightOnlyQuantizeConfig(QuantizeConfig):
+    """Kernel quantized, input read as it is stored: float in the paper's recipe, on its 8-bit
+    range with int8 storage (`fqat_tf.storage`), as the integer model reads it."""
+
+    def __init__(self, weight_quantizer, input_quantizer=None):
+        if weight_quantizer is None or input_quantizer is not None:
+            raise ValueError("WeightOnlyQuantizeConfig takes a weight quantizer only")
+        self.weight_quantizer = weight_quantizer
+
+
+@keras.saving.register_keras_serializable(package="fqat_tf")
 class NoQuantizeConfig(QuantizeConfig):
     """Nothing quantized (the classifier)."""
 
@@ -141,7 +155,7 @@ class NoQuantizeConfig(QuantizeConfig):
             raise ValueError("NoQuantizeConfig takes no quantizers")
 
 
-POLICIES = ("full", "input_only", "float")
+POLICIES = ("full", "input_only", "weight_only", "float")
 
 
 def make_config(policy, *, quantizer, weight_bits, activation_bits, per_channel,
@@ -149,7 +163,7 @@ def make_config(policy, *, quantizer, weight_bits, activation_bits, per_channel,
     """Builds the config of one layer from a policy name and bit widths.
 
     Args:
-      policy: "full" (kernel and input), "input_only" or "float".
+      policy: "full" (kernel and input), "input_only", "weight_only" or "float".
       quantizer: quantizer registry name ("lsq" or "ewgs").
       weight_bits, activation_bits: bit widths.
       per_channel: per-channel kernel steps.
@@ -167,9 +181,12 @@ def make_config(policy, *, quantizer, weight_bits, activation_bits, per_channel,
     cls = quantizers_lib.get_quantizer_class(quantizer)
     extra = dict(quantizer_kwargs or {})
     act_count = "per_example" if act_grad_count == "per_example" else "per_tensor"
-    input_q = cls(activation_bits, signed=input_signed, grad_count=act_count, **extra)
+    input_q = (None if policy == "weight_only" else
+               cls(activation_bits, signed=input_signed, grad_count=act_count, **extra))
     if policy == "input_only":
         return InputOnlyQuantizeConfig(input_q)
     w_count = "per_channel" if (per_channel and weight_grad_count == "per_channel") else "per_tensor"
     weight_q = cls(weight_bits, signed=True, per_channel=per_channel, grad_count=w_count, **extra)
+    if policy == "weight_only":
+        return WeightOnlyQuantizeConfig(weight_q)
     return WeightInputQuantizeConfig(weight_q, input_q)

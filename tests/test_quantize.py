@@ -125,6 +125,70 @@ def test_keras_round_trip_identical_logits(tmp_path, quantizer, per_channel):
         _configs(qmodel)["block_conv1"].weight_quantizer.get_config()
 
 
+def _shortcut_through_padding():
+    """A ReLU output read by the shortcut and, through padding, by a conv; a conv reading a
+    tensor read by it alone; a conv reading the sum, which is also the input of the head."""
+    x = keras.Input((8, 8, 3))
+    h = keras.layers.ReLU(name="relu")(keras.layers.Conv2D(4, 3, padding="same",
+                                                           name="stem")(x))
+    r = keras.layers.ZeroPadding2D(1, name="pad")(h)
+    r = keras.layers.Conv2D(4, 3, activation="relu", name="branch1")(r)
+    r = keras.layers.Conv2D(4, 1, name="branch2")(r)
+    s = keras.layers.Add(name="sum")([h, r])
+    t = keras.layers.Conv2D(4, 1, name="after_sum")(s)
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Add(name="sum2")([s, t]))
+    return keras.Model(x, keras.layers.Dense(2, name="classifier")(h))
+
+
+def test_shared_inputs_stored_quantizes_only_the_kernel_of_layers_reading_a_shared_tensor():
+    cfg = _configs(fqat_tf.quantize_model(tiny_resnet(), weight_bits=3, activation_bits=4,
+                                          shared_inputs="stored"))
+    # The stem's ReLU output is read by the block and by the downsample conv.
+    for name in ("block_conv1", "downsample"):
+        assert isinstance(cfg[name], qc.WeightOnlyQuantizeConfig)
+        assert cfg[name].input_quantizer is None and cfg[name].weight_quantizer.num_bits == 3
+    assert isinstance(cfg["block_conv2"], qc.WeightInputQuantizeConfig)
+    assert isinstance(cfg["conv1"], qc.InputOnlyQuantizeConfig)
+    assert isinstance(cfg["classifier"], qc.NoQuantizeConfig)
+
+    model = _shortcut_through_padding()
+    cfg = _configs(fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4,
+                                          shared_inputs="stored"))
+    kinds = {name: type(c).__name__ for name, c in cfg.items()}
+    assert kinds == {"stem": "InputOnlyQuantizeConfig",
+                     "branch1": "WeightOnlyQuantizeConfig",   # reads `relu` through `pad`
+                     "branch2": "WeightInputQuantizeConfig",
+                     "after_sum": "WeightOnlyQuantizeConfig",
+                     "classifier": "NoQuantizeConfig"}
+    qmodel = fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4,
+                                    shared_inputs="stored")
+    assert [v.path for v in fqat_tf.scale_variables(qmodel)] == [
+        "stem/input_step", "branch1/kernel_step", "branch2/kernel_step", "branch2/input_step",
+        "after_sum/kernel_step"]
+    # An override comes after the choice; the paper's default leaves every layer "full".
+    cfg = _configs(fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4,
+                                          shared_inputs="stored",
+                                          overrides={"after_sum": "full"}))
+    assert isinstance(cfg["after_sum"], qc.WeightInputQuantizeConfig)
+    cfg = _configs(fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4))
+    assert not any(isinstance(c, qc.WeightOnlyQuantizeConfig) for c in cfg.values())
+    with pytest.raises(ValueError, match="shared_inputs must be one of .* got 'shared'"):
+        fqat_tf.quantize_model(model, weight_bits=4, activation_bits=4, shared_inputs="shared")
+
+
+def test_weight_only_layer_survives_save_and_load(tmp_path):
+    qmodel = fqat_tf.quantize_model(tiny_resnet(), weight_bits=3, activation_bits=3,
+                                    shared_inputs="stored")
+    x, _ = _data()
+    fqat_tf.calibrate_scales(qmodel, [x], num_batches=1)
+    path = tmp_path / "q.keras"
+    qmodel.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(_configs(loaded)["downsample"], qc.WeightOnlyQuantizeConfig)
+    np.testing.assert_array_equal(loaded(x, training=False).numpy(),
+                                  qmodel(x, training=False).numpy())
+
+
 def test_per_channel_and_ewgs_variables():
     qmodel = fqat_tf.quantize_model(tiny_resnet(), weight_bits=4, activation_bits=4,
                                     quantizer="ewgs", per_channel=True)
