@@ -47,6 +47,11 @@ flags.DEFINE_bool("per_channel", defaults.PER_CHANNEL, "Per-channel weight steps
 flags.DEFINE_bool("int8_storage", defaults.INT8_STORAGE,
                   "Train with the 8-bit storage of the integer TFLite export simulated "
                   "(fqat_tf.storage): the exported model then matches the trained one.")
+flags.DEFINE_enum("shared_inputs", defaults.SHARED_INPUTS, ["learned", "stored"],
+                  "How a conv reads an input other layers read too (a residual block's input): "
+                  "'learned', its own b-bit quantizer (the paper); 'stored', the 8-bit range "
+                  "the integer model stores it on (with --int8_storage: no requantizing op in "
+                  "the TFLite model; such convs see 8-bit inputs).")
 flags.DEFINE_float("ewgs_delta", defaults.EWGS_DELTA, "EWGS delta (fixed mode / initial).")
 flags.DEFINE_enum("ewgs_delta_mode", defaults.EWGS_DELTA_MODE, ["fixed", "hessian"],
                   "EWGS delta: fixed, or refreshed from a Hutchinson Hessian-trace estimate.")
@@ -234,7 +239,7 @@ def settings_from_flags(flag_values=FLAGS):
     _resolve_method(s)
     if _float_method(s["method"]):
         for name in ("weight_bits", "activation_bits", "per_channel", "freeze_interval",
-                     "freeze_threshold", "int8_storage", "gradient_window"):
+                     "freeze_threshold", "int8_storage", "gradient_window", "shared_inputs"):
             if name in present:
                 _usage(name, f"--method={s['method']} trains a full-precision model without "
                              f"quantizers or freezing; drop --{name}")

@@ -42,7 +42,8 @@ RESUMABLE_KEYS = ("output_dir", "erm_cache_dir", "verbose", "eval_batch_size", "
                   "strategy", "deterministic")
 # Settings added after runs were made: settings without one (an older flags.json, an ERM
 # stage's) hold its default.
-ADDED_SETTINGS = {"calibration_source": defaults.CALIBRATION_SOURCE}
+ADDED_SETTINGS = {"calibration_source": defaults.CALIBRATION_SOURCE,
+                  "shared_inputs": defaults.SHARED_INPUTS}
 DISORDER_HEADER = ("step", "variable", "disorder", "flat_disorder", "mask")
 GRADIENTS_HEADER = ("step", "variable", "g_va", "g_flat", "applied")
 
@@ -184,6 +185,7 @@ def _build(s, splits, start_from):
     qmodel = quantize_model(base, weight_bits=s["weight_bits"],
                             activation_bits=s["activation_bits"], quantizer=s["quantizer"],
                             per_channel=s["per_channel"], act_grad_count=s["act_grad_count"],
+                            shared_inputs=s.get("shared_inputs", ADDED_SETTINGS["shared_inputs"]),
                             quantizer_kwargs={"delta": s["ewgs_delta"],
                                               "delta_mode": s["ewgs_delta_mode"]}
                             if s["quantizer"] == "ewgs" else None)

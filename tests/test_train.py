@@ -171,6 +171,7 @@ def test_resume_after_kill_continues_and_matches_uninterrupted_run(tmp_path):
     (["--test_domains=90"], "test_domains"),
     (["--method=erm", "--weight_bits=4"], "weight_bits"),
     (["--method=erm", "--int8_storage"], "int8_storage"),
+    (["--method=erm", "--shared_inputs=stored"], "shared_inputs"),
     (["--method=ewgs", "--quantizer=lsq"], "quantizer"),
     (["--freeze_interval=1"], "freeze_interval"),
     (["--freeze_threshold=1.5"], "freeze_threshold"),
