@@ -11,7 +11,8 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import fqat_tf
 from export import tflite as export_lib, verify as verify_lib
-from fqat_tf.storage import UnsupportedLayerError, int8_storage_model
+from fqat_tf import defaults
+from fqat_tf.storage import StoragePlan, UnsupportedLayerError, int8_storage_model
 
 NUM_CLASSES = 4
 SIZE = 16
@@ -147,18 +148,26 @@ def _fit(model, x, y, lr, epochs):
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
 
 
-def trained_storage_model(name, bits):
+def trained_storage_model(name, bits, shared_inputs=defaults.SHARED_INPUTS):
     keras.utils.set_random_seed(0)
     model = BLOCKS[name]()
     x, y = task(512, 0)
     _fit(model, x, y, 1e-2, 4)
     smodel = int8_storage_model(fqat_tf.quantize_model(model, weight_bits=bits,
-                                                       activation_bits=bits))
+                                                       activation_bits=bits,
+                                                       shared_inputs=shared_inputs))
     batches = [x[:128], x[128:256]]
     fqat_tf.calibrate_scales(smodel, batches, num_batches=2)
     fqat_tf.calibrate_ranges(smodel, batches, num_batches=2)
     _fit(smodel, x, y, 1e-3, 1)
     return smodel, batches
+
+
+def _op_details(content):
+    it = Interpreter(model_content=content,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    return it._get_ops_details()
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
@@ -186,15 +195,41 @@ OPS = {
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_block_runs_on_tflites_int8_kernels(name):
     smodel, batches = trained_storage_model(name, 4)
-    content = export_lib.export(smodel, batches).tflite
-    it = Interpreter(model_content=content,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    ops = collections.Counter(op["op_name"] for op in it._get_ops_details())
+    ops = collections.Counter(op["op_name"] for op in _op_details(
+        export_lib.export(smodel, batches).tflite))
     assert OPS[name] <= set(ops)
     # No clip op: saturation clips every learned grid (the first conv's signed one, whose
     # input has no bound, on two tensors).
     assert ops["MINIMUM"] == 0 and ops["MAXIMUM"] == 0
+
+
+def test_shared_inputs_stored_reads_the_residual_sums_input_with_no_requantizing_op(tmp_path):
+    # MobileNetV2's block input is read by the expand conv and by the residual sum. With its
+    # own learned grid the expand conv reads a requantized copy (one MUL more); reading the
+    # tensor as stored, it takes the very tensor the ADD takes. The one MUL left clips the
+    # first conv's signed 4-bit input, which no saturation of an int8 model input can do.
+    learned, batches = trained_storage_model("inverted_residual", 4)
+    stored, _ = trained_storage_model("inverted_residual", 4, shared_inputs="stored")
+    assert StoragePlan(learned).requantized == ["expand"]
+    assert StoragePlan(stored).requantized == []
+    ops = {}
+    for name, model in (("learned", learned), ("stored", stored)):
+        ops[name] = _op_details(export_lib.export(model, batches).tflite)
+    count = {k: collections.Counter(op["op_name"] for op in v) for k, v in ops.items()}
+    assert count["learned"]["MUL"] == 2 and count["stored"]["MUL"] == 1
+    assert count["learned"] - collections.Counter(MUL=1) == count["stored"]
+    (add,) = [op for op in ops["stored"] if op["op_name"] == "ADD"]
+    readers = [op for op in ops["stored"] if op["op_name"] == "CONV_2D"
+               and op["inputs"][0] in add["inputs"]]
+    assert len(readers) == 1                # the expand conv
+    result = export_lib.export(stored, batches)
+    path = tmp_path / "m.tflite"
+    path.write_bytes(result.tflite)
+    test_x, test_y = task(512, 1)
+    report = verify_lib.verify(str(path), stored, [(test_x, test_y)])
+    assert report["float_tensors"] == []
+    assert report["keras_accuracy"] > 0.6
+    assert report["agreement"] >= 0.995, report
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
