@@ -6,6 +6,7 @@ float one and the converter's own post-training int8 model.
     python benchmarks/tflite_latency.py --backbone mnist_cnn --input_shape 28,28,1 --bits 4
     python benchmarks/tflite_latency.py --application MobileNetV2   # a keras.applications model
     python benchmarks/tflite_latency.py --requantization_cost       # what requantizing costs
+    python benchmarks/tflite_latency.py --shared_inputs=stored      # no requantizing op at all
 
 All four are the same network with BatchNorm folded: ours from `export.tflite` (int8 weights,
 and `--weight_storage=int4`), the float one from `export.tflite.convert_float` (no fake-quant
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from fqat_tf import defaults  # noqa: E402
+from fqat_tf.quantize import SHARED_INPUTS  # noqa: E402
 
 LATENCY_TARGET = 0.35            # int8 / float
 PTQ_TARGET = 1.0                 # int8 / the converter's post-training int8
@@ -164,18 +166,21 @@ def build_models(args):
             float_model = getattr(keras.applications, args.application)(
                 weights=None, input_shape=shape, classes=args.num_classes)
             model = int8_storage_model(fqat_tf.quantize_model(
-                float_model, weight_bits=args.bits, activation_bits=args.bits, per_channel=True))
+                float_model, weight_bits=args.bits, activation_bits=args.bits, per_channel=True,
+                shared_inputs=args.shared_inputs))
             fqat_tf.calibrate_scales(model, batches, num_batches=2, source="quantized")
             fqat_tf.calibrate_ranges(model, batches, num_batches=2)
-            name = f"{args.application} {args.input_shape} W{args.bits}A{args.bits}"
+            name = (f"{args.application} {args.input_shape} W{args.bits}A{args.bits} "
+                    f"shared inputs {args.shared_inputs}")
         else:
             float_model = models.build_backbone(args.backbone, args.num_classes, shape,
                                                 args.width)
             model = fqat_tf.quantize_model(float_model, weight_bits=args.bits,
-                                           activation_bits=args.bits)
+                                           activation_bits=args.bits,
+                                           shared_inputs=args.shared_inputs)
             fqat_tf.calibrate_scales(model, batches, num_batches=2)
             name = (f"{args.backbone} width {args.width or 'default'} {args.input_shape} "
-                    f"W{args.bits}A{args.bits}")
+                    f"W{args.bits}A{args.bits} shared inputs {args.shared_inputs}")
     contents = {
         "float": export_lib.convert_float(model),
         "int8": export_lib.export(model, batches, max_batches=None).tflite,
@@ -203,6 +208,10 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=defaults.LATENCY_RUNS)
     p.add_argument("--warmup", type=int, default=defaults.LATENCY_WARMUP)
     p.add_argument("--save_dir", help="also write the .tflite files here")
+    p.add_argument("--shared_inputs", choices=SHARED_INPUTS,
+                   default=defaults.SHARED_INPUTS,
+                   help="how a layer reads an input other layers read too (fqat_tf."
+                        "quantize_model); ignored for a run directory, which has its own")
     p.add_argument("--requantization_cost", action="store_true",
                    help="also time the int8 model with its requantizing MULs cut out (wrong "
                         "values, timing only): what they cost against the converter's model")
