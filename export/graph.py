@@ -87,7 +87,12 @@ class ExportGraph:
                            for n in self.plan.nodes}
         self.weights = {n.layer.name: self._prepare_weights(n) for n in self.plan.nodes
                         if kinds.is_weighted(n.layer)}
-        self.stored_ranges = self._read_stored_ranges()
+        self.stored_ranges = self.plan.stored_ranges()
+        # A layer reading its input as stored rounds its bias with that input's scale, which
+        # moves with the range when BatchNorm trains: given the current one, the Keras model
+        # rounds as the file does (`fqat_tf.storage.sync_input_scales`).
+        for name, scale in self.plan.stored_input_scales().items():
+            self.model.get_layer(name).input_storage_scale.assign(scale)
         for node in self.plan.nodes:
             spec = self.plan.spec_for(node.output) if self.rep[node.output] == "spec" else None
             if spec is not None:
@@ -195,25 +200,6 @@ class ExportGraph:
                 aligned[source] = nested
                 done.add(source)
         return aligned
-
-    def _read_stored_ranges(self):
-        """`{name: (min, max)}` of the range tensors the Keras model quantizes itself
-        (`fqat_tf.int8_storage` layers), named as `export.tflite.observe_ranges` names them."""
-        ranges = {}
-        for node in self.plan.nodes:
-            layer = node.layer
-            if not isinstance(layer, int8_storage.StorageLayerMixin):
-                continue
-            stored = layer.stored_ranges
-            if not stored:
-                raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}): its int8 "
-                                 f"ranges were never set; call fqat_tf.calibrate_ranges(model, "
-                                 f"batches) (or train in training mode) before exporting")
-            if isinstance(layer, int8_storage.RangeQuantize):
-                ranges[layer.name] = stored["output"]
-            else:
-                ranges.update({f"{layer.name}/{part}": r for part, r in stored.items()})
-        return ranges
 
     # --- building ---------------------------------------------------------------------------
     def build(self, x, mode, ranges=None):

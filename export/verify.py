@@ -14,7 +14,8 @@ import sys
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from fqat_tf import cli, defaults, rundir
+from fqat_tf import cli, defaults, rundir, storage
+from fqat_tf.wrapper import quantize_wrappers
 
 _FLOAT_TYPES = (np.float16, np.float32, np.float64)
 
@@ -95,7 +96,9 @@ def verify(tflite_path, model, dataset, *, max_batches=None):
 
     Args:
       tflite_path: the .tflite file.
-      model: the Keras fake-quant model (run with `training=False`).
+      model: the Keras fake-quant model (run with `training=False`). Layers that read their
+        input as stored first get that input's current scale, as `export.tflite` gives them
+        (`fqat_tf.storage.sync_input_scales`).
       dataset: iterable of `(images, labels)` batches.
       max_batches: stop after this many batches (None: all).
 
@@ -109,6 +112,8 @@ def verify(tflite_path, model, dataset, *, max_batches=None):
     """
     with open(tflite_path, "rb") as f:
         content = f.read()
+    if any(w.reads_stored_input for w in quantize_wrappers(model)):
+        storage.sync_input_scales(model)
     runner = TFLiteModel(content)
     step = output_step(content)
     agree = keras_ok = tflite_ok = total = 0

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fqat_tf import defaults, int8_storage, layer_types, quant_ops
+from fqat_tf import defaults, int8_storage, layer_types, quant_ops, storage
 from fqat_tf.wrapper import QuantizeWrapper, quantize_wrappers
 
 METHODS = ("mse", "lsq")
@@ -197,8 +197,9 @@ def calibrate_ranges(model, dataset, num_batches=defaults.CALIBRATION_BATCHES):
     `num_batches` batches of `dataset`.
 
     Runs the model eagerly in inference mode; the ranges of later layers see the earlier ones
-    already quantized, as in training. Returns `{layer name: {part: (min, max)}}` (empty for a
-    model without int8 storage).
+    already quantized, as in training. Then gives the layers that read their input as stored
+    the scale of that input (`fqat_tf.storage.sync_input_scales`). Returns
+    `{layer name: {part: (min, max)}}` (empty for a model without int8 storage).
     """
     layers = int8_storage.storage_layers(model)
     batches = _take(dataset, num_batches, "calibrate_ranges")
@@ -212,6 +213,8 @@ def calibrate_ranges(model, dataset, num_batches=defaults.CALIBRATION_BATCHES):
     finally:
         for layer in layers:
             layer.calibrating = False
+    if any(w.reads_stored_input for w in quantize_wrappers(model)):
+        storage.sync_input_scales(model)
     return {layer.name: layer.stored_ranges for layer in layers}
 
 

@@ -8,7 +8,7 @@ the integer model's storage (`fqat_tf.int8_storage`) and a BatchNorm folded into
 """
 import keras
 
-from fqat_tf import affine, int8_storage, layer_types
+from fqat_tf import affine, int8_kernels, int8_storage, layer_types
 
 
 @keras.saving.register_keras_serializable(package="fqat_tf")
@@ -31,6 +31,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
         is `conv(x, W) * f + (b * f + beta - mean * f)`, and with `int8_storage` that offset
         sits on the int32 grid of input step times kernel scale times `|f|` (TFLite's folded
         bias). Training-mode statistics apply it as a plain BatchNorm.
+
+    A layer with `int8_storage` whose kernel is learned and whose input is not
+    (`WeightOnlyQuantizeConfig`) reads its input as the integer model stores it, on an 8-bit
+    range another layer keeps; `input_storage_scale` holds that range's scale, which
+    `fqat_tf.storage.sync_input_scales` sets, so that the bias sits on its int32 grid too.
     """
 
     def __init__(self, layer, quantize_config, int8_storage=False, batchnorm=None, **kwargs):
@@ -59,7 +64,26 @@ class QuantizeWrapper(keras.layers.Wrapper):
                            cfg.input_quantizer.build(self, input_shape, "input"))
         if self.batchnorm is not None and not self.batchnorm.built:
             self.batchnorm.build(self.layer.compute_output_shape(input_shape))
+        self._stored_scale = None
+        if self.reads_stored_input:
+            # 0 until synced: the bias stays float.
+            self._stored_scale = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                                 autocast=False, name="input_storage_scale")
         self.built = True
+
+    @property
+    def reads_stored_input(self):
+        """With `int8_storage`, the input has no learned quantizer but the kernel has: the
+        layer reads the input on the 8-bit range the integer model stores it on."""
+        cfg = self.quantize_config
+        return (self.int8_storage and cfg.weight_quantizer is not None
+                and cfg.input_quantizer is None)
+
+    @property
+    def input_storage_scale(self):
+        """The variable holding the scale of the stored input's int8 grid (0 until set by
+        `fqat_tf.storage.sync_input_scales`), or None where `reads_stored_input` is False."""
+        return self._stored_scale
 
     @property
     def scale_variables(self):
@@ -121,10 +145,23 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return None
         scales = (self.kernel_scales() if self.int8_storage and self.batchnorm is None
                   else None)
-        if scales is None or self.quantize_config.input_quantizer is None:
-            return inner.bias
-        step = keras.ops.convert_to_tensor(self._input_vars["step"])
-        return int8_storage.on_grid(inner.bias, step * scales)
+        return self._bias_on_grid(inner.bias, scales)
+
+    def _bias_on_grid(self, bias, scales, folded=None):
+        """`bias` on TFLite's int32 grid of input scale times kernel `scales` (times the
+        BatchNorm factors `folded`) where the input's scale is known (a learned step, or the
+        synced scale of a stored input), else float."""
+        if scales is None:
+            return bias
+        if self.quantize_config.input_quantizer is not None:
+            grid = keras.ops.convert_to_tensor(self._input_vars["step"]) * scales
+            return int8_storage.on_grid(bias, grid if folded is None else grid * folded)
+        if self._stored_scale is None:
+            return bias
+        scale = keras.ops.convert_to_tensor(self._stored_scale)
+        weights = scales if folded is None else scales * folded
+        rounded = int8_kernels.bias_on_grid(bias, keras.ops.maximum(scale, 1e-30), weights)
+        return keras.ops.where(scale > 0.0, rounded, bias)
 
     def call(self, inputs, training=None):
         q = self.quantize_config.input_quantizer
@@ -148,10 +185,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self.layer.use_bias:
             offset = offset + self.layer.bias * f
         scales = self.kernel_scales() if self.int8_storage else None
-        if scales is not None and self.quantize_config.input_quantizer is not None:
-            step = keras.ops.convert_to_tensor(self._input_vars["step"])
-            offset = int8_storage.on_grid(offset, step * scales * keras.ops.abs(f))
-        return offset
+        return self._bias_on_grid(offset, scales, keras.ops.abs(f))
 
     def _folded_batchnorm(self, y, training):
         inner, bn = self.layer, self.batchnorm

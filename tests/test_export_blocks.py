@@ -11,8 +11,9 @@ from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import fqat_tf
 from export import tflite as export_lib, verify as verify_lib
-from fqat_tf import defaults
-from fqat_tf.storage import StoragePlan, UnsupportedLayerError, int8_storage_model
+from fqat_tf import affine, defaults
+from fqat_tf.storage import (StoragePlan, UnsupportedLayerError, int8_storage_model,
+                             sync_input_scales)
 
 NUM_CLASSES = 4
 SIZE = 16
@@ -207,9 +208,9 @@ def test_shared_inputs_stored_reads_the_residual_sums_input_with_no_requantizing
     # MobileNetV2's block input is read by the expand conv and by the residual sum. With its
     # own learned grid the expand conv reads a requantized copy (one MUL more); reading the
     # tensor as stored, it takes the very tensor the ADD takes. The one MUL left clips the
-    # first conv's signed 4-bit input, which no saturation of an int8 model input can do.
-    learned, batches = trained_storage_model("inverted_residual", 4)
-    stored, _ = trained_storage_model("inverted_residual", 4, shared_inputs="stored")
+    # first conv's signed 3-bit input, which no saturation of an int8 model input can do.
+    learned, batches = trained_storage_model("inverted_residual", 3)
+    stored, _ = trained_storage_model("inverted_residual", 3, shared_inputs="stored")
     assert StoragePlan(learned).requantized == ["expand"]
     assert StoragePlan(stored).requantized == []
     ops = {}
@@ -230,6 +231,34 @@ def test_shared_inputs_stored_reads_the_residual_sums_input_with_no_requantizing
     assert report["float_tensors"] == []
     assert report["keras_accuracy"] > 0.6
     assert report["agreement"] >= 0.995, report
+
+
+def test_a_conv_reading_its_input_as_stored_rounds_its_bias_on_that_inputs_grid():
+    # Its input scale is the range another layer keeps: `calibrate_ranges` and
+    # `sync_input_scales` copy it in (here after the ranges moved in training), and the folded
+    # bias then lies on TFLite's int32 grid (input scale x kernel step x |BN factor|).
+    smodel, batches = trained_storage_model("inverted_residual", 3, shared_inputs="stored")
+    expand = smodel.get_layer("expand")
+    assert expand.reads_stored_input
+    sync_input_scales(smodel)
+    scale = float(expand.input_storage_scale.numpy())
+    assert scale == StoragePlan(smodel).stored_input_scales()["expand"] > 0.0
+    f = keras.ops.convert_to_numpy(
+        affine.batchnorm_affine(expand.batchnorm)[0]).astype(np.float64)
+    grid = np.float64(np.float32(scale)) * np.float64(
+        expand.kernel_scales().numpy()) * np.abs(np.float32(f))
+    ints = expand.folded_bias().numpy().astype(np.float64) / grid
+    np.testing.assert_allclose(ints, np.round(ints), rtol=0, atol=1e-3)
+    expand.input_storage_scale.assign(0.0)            # not synced: the bias stays float
+    ints = expand.folded_bias().numpy().astype(np.float64) / grid
+    assert np.abs(ints - np.round(ints)).max() > 0.01
+    # A range that moved after calibration: the export gives the layer the current scale.
+    expand.input_storage_scale.assign(scale * 1.5)
+    export_lib.export(smodel, batches)
+    assert float(expand.input_storage_scale.numpy()) == scale
+    expand.input_storage_scale.assign(scale * 1.5)
+    sync_input_scales(smodel)
+    assert float(expand.input_storage_scale.numpy()) == scale
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))

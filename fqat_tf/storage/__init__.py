@@ -13,7 +13,7 @@ disagree. `kinds` says what each Keras layer type is in an integer model.
 """
 from fqat_tf.storage.plan import (INPUT_KEY, Bounds, Fixed, Range, Spec, StoragePlan,
                                   UnsupportedLayerError)
-from fqat_tf.storage.rebuild import int8_storage_model
+from fqat_tf.storage.rebuild import int8_storage_model, sync_input_scales
 
 __all__ = ["INPUT_KEY", "Bounds", "Fixed", "Range", "Spec", "StoragePlan",
-           "UnsupportedLayerError", "int8_storage_model"]
+           "UnsupportedLayerError", "int8_storage_model", "sync_input_scales"]

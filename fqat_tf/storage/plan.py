@@ -32,7 +32,7 @@ import math
 
 import keras
 
-from fqat_tf import int8_activations, int8_storage, layer_types
+from fqat_tf import int8_activations, int8_kernels, int8_storage, layer_types
 from fqat_tf.errors import UserError
 from fqat_tf.wrapper import QuantizeWrapper
 from fqat_tf.storage import kinds
@@ -210,6 +210,54 @@ class StoragePlan:
         while self.rep[key] == "inherit":
             key = self.producer(key).inputs[0]
         return key
+
+    def stored_ranges(self):
+        """`{name: (min, max)}` of the ranges the Keras model keeps itself (its
+        `fqat_tf.int8_storage` layers), named as `grid` names them: a `RangeQuantize` by its
+        layer, any other range "layer/part".
+
+        Raises:
+          ValueError: a storage layer's ranges were never set.
+        """
+        ranges = {}
+        for node in self._nodes:
+            layer = node.layer
+            if not isinstance(layer, int8_storage.StorageLayerMixin):
+                continue
+            stored = layer.stored_ranges
+            if not stored:
+                raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}): its int8 "
+                                 f"ranges were never set; call fqat_tf.calibrate_ranges(model, "
+                                 f"batches) (or train in training mode) before exporting")
+            if isinstance(layer, int8_storage.RangeQuantize):
+                ranges[layer.name] = stored["output"]
+            else:
+                ranges.update({f"{layer.name}/{part}": r for part, r in stored.items()})
+        return ranges
+
+    def stored_input_scales(self):
+        """`{layer name: scale}` of the int8 grid each layer that reads its input as stored
+        (`QuantizeWrapper.reads_stored_input`) reads it on, from the ranges the model keeps or
+        the grid an activation's kernel fixes."""
+        readers = [n for n in self._nodes
+                   if isinstance(n.layer, QuantizeWrapper) and n.layer.reads_stored_input]
+        if not readers:
+            return {}
+        ranges = self.stored_ranges()
+        scales = {}
+        for node in readers:
+            grid = self.grid(node.inputs[0])
+            if isinstance(grid, Range):
+                lo, hi = ranges[grid.name]
+            elif isinstance(grid, Fixed):
+                lo, hi = grid.lo, grid.hi
+            else:
+                raise ValueError(f"layer {node.layer.name!r} reads its input as stored, but "
+                                 f"tensor {node.inputs[0]!r} is stored on {grid!r}, not on an "
+                                 f"8-bit range")
+            scale, _ = int8_kernels.quantization_params(lo, hi)
+            scales[node.layer.name] = float(keras.ops.convert_to_numpy(scale))
+        return scales
 
     @property
     def requantized(self):

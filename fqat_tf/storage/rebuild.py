@@ -6,6 +6,11 @@
     fqat_tf.calibrate_ranges(qmodel, batches)
     ... QAT ...; export.tflite.export(qmodel, batches) then agrees with it up to rounding ties.
 
+A layer that reads its input as stored (`quantize_model(shared_inputs="stored")`) rounds its
+bias on the grid of the range it reads, which another layer keeps: `sync_input_scales` copies
+that range's scale into it (`calibrate_ranges` does so; call it again after training with
+ranges that move, i.e. BatchNorm in training mode).
+
 The `StoragePlan` decides which tensors the integer model stores on a range of their own
 (representation "range"); this module puts a `fqat_tf.RangeQuantize` behind each of them,
 replaces every GroupNormalization by an `Int8GroupNormalization` (its int8 lowering, simulated),
@@ -118,3 +123,23 @@ def int8_storage_model(model, *, ema_decay=defaults.INT8_RANGE_EMA_DECAY):
         needs_range = plan.rep[node.output] == "range" and not own
         tensors[node.output] = stored(y, node.output) if needs_range else y
     return keras.Model(x, tensors[plan.output_key], name=model.name)
+
+
+def sync_input_scales(model):
+    """Gives every layer that reads its input as stored (`QuantizeWrapper.reads_stored_input`)
+    the scale of the range it reads, so that its bias sits on TFLite's int32 grid.
+
+    Args:
+      model: an int8 storage model (`int8_storage_model`) with its ranges set.
+
+    Returns:
+      `{layer name: scale}`.
+
+    Raises:
+      ValueError: a range the layers read was never set.
+    """
+    plan = StoragePlan(model)
+    scales = plan.stored_input_scales()
+    for name, scale in scales.items():
+        plan.model.get_layer(name).input_storage_scale.assign(scale)
+    return scales
