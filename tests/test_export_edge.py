@@ -1,7 +1,7 @@
 """Slow: keras.applications' edge models (random weights, 64x64 inputs) trained briefly, then
-quantized at W8A8, W4A4 and W3A3 with int8 storage, a few QAT steps, and exported: the integer
-model agrees with the Keras model on at least 99.5% of the top-1 predictions and holds no float
-tensor.
+quantized at W8A8, W4A4 and W3A3 with int8 storage (at W4A4 and W3A3 also with
+`shared_inputs="stored"`), a few QAT steps, and exported: the integer model agrees with the
+Keras model on at least 99.5% of the top-1 predictions and holds no float tensor.
 
     pytest -m slow tests/test_export_edge.py -s          # one line of figures per model and width
 
@@ -88,13 +88,15 @@ def trained(request):
     return name, model, pixels
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3])
-def test_edge_model_agreement(trained, bits, tmp_path):
+@pytest.mark.parametrize("bits,shared_inputs", [(8, "learned"), (4, "learned"), (3, "learned"),
+                                                (4, "stored"), (3, "stored")])
+def test_edge_model_agreement(trained, bits, shared_inputs, tmp_path):
     name, model, pixels = trained
     start = time.time()
     keras.utils.set_random_seed(bits)
     smodel = int8_storage_model(fqat_tf.quantize_model(model, weight_bits=bits,
-                                                       activation_bits=bits, per_channel=True))
+                                                       activation_bits=bits, per_channel=True,
+                                                       shared_inputs=shared_inputs))
     x, y = task(QAT_STEPS * BATCH, bits, pixels)
     batches = [x[i:i + BATCH] for i in range(0, 4 * BATCH, BATCH)]
     fqat_tf.calibrate_scales(smodel, batches, num_batches=len(batches), source="quantized")
@@ -129,7 +131,8 @@ def test_edge_model_agreement(trained, bits, tmp_path):
                        int4_agreement=float(np.mean(
                            int4_logits.argmax(1) == smodel.predict(test_x, verbose=0).argmax(1))))
     figures["seconds"] = round(time.time() - start)
-    print(f"\n{name} {SIZE}px W{bits}A{bits}: " + json.dumps(figures, sort_keys=True))
+    print(f"\n{name} {SIZE}px W{bits}A{bits} shared inputs {shared_inputs}: "
+          + json.dumps(figures, sort_keys=True))
     assert report["float_tensors"] == []
     # The predictions vary: a model that answers one class agrees trivially.
     keras_classes = smodel.predict(test_x, verbose=0).argmax(1)
