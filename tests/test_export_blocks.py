@@ -233,7 +233,7 @@ def test_shared_inputs_stored_reads_the_residual_sums_input_with_no_requantizing
     assert report["agreement"] >= 0.995, report
 
 
-def test_a_conv_reading_its_input_as_stored_rounds_its_bias_on_that_inputs_grid():
+def test_a_conv_reading_its_input_as_stored_rounds_its_bias_on_that_inputs_grid(tmp_path):
     # Its input scale is the range another layer keeps: `calibrate_ranges` and
     # `sync_input_scales` copy it in (here after the ranges moved in training), and the folded
     # bias then lies on TFLite's int32 grid (input scale x kernel step x |BN factor|).
@@ -259,6 +259,13 @@ def test_a_conv_reading_its_input_as_stored_rounds_its_bias_on_that_inputs_grid(
     expand.input_storage_scale.assign(scale * 1.5)
     sync_input_scales(smodel)
     assert float(expand.input_storage_scale.numpy()) == scale
+    path = str(tmp_path / "m.keras")
+    smodel.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert float(loaded.get_layer("expand").input_storage_scale.numpy()) == scale
+    x = task(32, 5)[0]
+    np.testing.assert_array_equal(loaded(x, training=False).numpy(),
+                                  smodel(x, training=False).numpy())
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
