@@ -8,14 +8,14 @@ only, as in MobileNetV3). An input is quantized unsigned only where the graph pr
 non-negative (it comes from a ReLU, ReLU6, sigmoid, hard-sigmoid or softmax, possibly through
 pooling, padding or an add or product of such tensors; `fqat_tf.activations` holds the
 bounds); otherwise it is signed, so GroupNorm outputs, hard-swish outputs or normalised images
-are never clipped at zero.
+are never clipped at zero. The model is first flattened (`fqat_tf.flatten`): nested models
+inlined, activations TFLite cannot fuse moved out of convs into layers of their own.
 
 `shared_inputs="stored"` changes the policy of a conv or dense whose input other layers read
 too (a residual block's input, read by the shortcut): it quantizes its kernel only and reads
-the tensor as the integer model stores it, on the 8-bit range of its own that the shortcut
-needs anyway (docs/algorithm.md §5). The integer model then has no requantizing op, and such
-layers see 8-bit inputs instead of b-bit ones. The model is first flattened (`fqat_tf.flatten`): nested models
-inlined, activations TFLite cannot fuse moved out of convs into layers of their own.
+the tensor as the integer model stores it, on the 8-bit range the shortcut needs anyway
+(docs/algorithm.md §1). The integer model then has no requantizing op there, and such layers
+see 8-bit inputs instead of b-bit ones.
 """
 import logging
 import re
