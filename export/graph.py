@@ -82,17 +82,18 @@ class ExportGraph:
         self.float_layers = self.plan.float_layers
         self.rep = self.plan.rep
         self._fold_into = self.plan.folds
+        # A layer reading its input as stored rounds its bias with that input's scale, which
+        # moves with the range when BatchNorm trains: given the current one, the Keras model
+        # rounds as the file does (`fqat_tf.storage.sync_input_scales`); the biases read
+        # below are rounded with it.
+        for name, scale in self.plan.stored_input_scales().items():
+            self.model.get_layer(name).input_storage_scale.assign(scale)
         # Read once, eagerly: the weights and constants are constants of the exported graph.
         self._constants = {n.layer.name: emit.constants(n.layer, n.input_shapes)
                            for n in self.plan.nodes}
         self.weights = {n.layer.name: self._prepare_weights(n) for n in self.plan.nodes
                         if kinds.is_weighted(n.layer)}
         self.stored_ranges = self.plan.stored_ranges()
-        # A layer reading its input as stored rounds its bias with that input's scale, which
-        # moves with the range when BatchNorm trains: given the current one, the Keras model
-        # rounds as the file does (`fqat_tf.storage.sync_input_scales`).
-        for name, scale in self.plan.stored_input_scales().items():
-            self.model.get_layer(name).input_storage_scale.assign(scale)
         for node in self.plan.nodes:
             spec = self.plan.spec_for(node.output) if self.rep[node.output] == "spec" else None
             if spec is not None:
