@@ -6,17 +6,26 @@ distribution strategy: a second MirroredStrategy with collective all-reduce in t
 can fail ("shape mismatch in the collective instance"). This module is the one place that
 makes them.
 """
+import contextlib
 import json
 import os
+import re
 
 import tensorflow as tf
 
 from fqat_tf.cli import UsageError
+from fqat_tf.errors import UserError
 
 STRATEGIES = ("default", "mirrored", "multiworker")
 # What srun sets in every task of a Slurm allocation; SlurmClusterResolver reads them.
 SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST")
 _strategies = {}
+# How TensorFlow names a task in a collective's error ("/job:worker/replica:0/task:1").
+_TASK = re.compile(r"/job:(\w+)(?:/replica:\d+)?/task:(\d+)")
+
+
+class WorkerLost(UserError):
+    """A multi-worker run stopped because another worker of its cluster did."""
 
 
 def enable_determinism():
@@ -127,3 +136,28 @@ def chief_decides(current, value):
 
     total = current.reduce(tf.distribute.ReduceOp.SUM, current.run(chief_only), axis=None)
     return type(value)(int(total.numpy()))
+
+
+@contextlib.contextmanager
+def worker_loss_named(current, run_dir):
+    """Turns a collective that fails because another worker stopped into a `WorkerLost`.
+
+    When one worker of a multi-worker run dies, the others fail at their next collective with
+    TensorFlow's `UnavailableError` (lost heartbeats, a reset connection) or `AbortedError`.
+    That is the expected end of the survivors, not a defect: the message names the stopped
+    tasks and what to do. Elsewhere (no cluster) nothing is caught.
+    """
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError) as e:
+        if not isinstance(current, tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        resolver = current.cluster_resolver
+        own = (resolver.task_type, str(resolver.task_id))
+        others = sorted({m.groups() for m in _TASK.finditer(e.message)} - {own})
+        who = ", ".join(f"/job:{job}/task:{index}" for job, index in others) or \
+            "another worker"
+        raise WorkerLost(
+            f"{run_dir}: {who} of the cluster stopped ({type(e).__name__} in a collective); "
+            f"restart every worker with the same command: the run resumes from its last "
+            f"checkpoint") from None

@@ -133,12 +133,14 @@ def run(s):
     Raises:
         RunError: the run directory is in use, holds another setting, or is damaged.
         DataError: the data cannot be read.
+        runtime.WorkerLost: another worker of a multi-worker run stopped.
     """
     out = s["output_dir"]
     strategy = runtime.strategy(s["strategy"])
     # The workers of a multi-worker run share its directory; the chief holds its lock.
     chief = runtime.is_chief(strategy)
-    with rundir.run_lock(out) if chief else contextlib.nullcontext():
+    with rundir.run_lock(out) if chief else contextlib.nullcontext(), \
+            runtime.worker_loss_named(strategy, out):
         check_settings(s, out)
         if runtime.chief_decides(strategy, rundir.is_finished(out)):
             log.info("%s is finished; not rerun", out)

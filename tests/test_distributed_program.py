@@ -49,13 +49,16 @@ def _ports(n):
     return ports
 
 
-def _workers(out, erm, kill=None):
-    """Runs the program as two workers of one multi-worker run; returns both processes."""
+def _workers(out, erm, kills=(None, None)):
+    """Runs the program as two workers of one multi-worker run; returns both processes.
+
+    `kills`: each worker's kill point (`train_under_test.py`), or None.
+    """
     ports = _ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    own = ["--kill=" + kill] if kill else []
     procs = [subprocess.Popen(
-        _command(out, erm, *own) + ["--strategy=multiworker"], cwd=ROOT,
+        _command(out, erm, *([f"--kill={kills[i]}"] if kills[i] else [])) +
+        ["--strategy=multiworker"], cwd=ROOT,
         env=_env(TF_CONFIG=json.dumps({"cluster": cluster,
                                        "task": {"type": "worker", "index": i}})),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -121,12 +124,18 @@ def test_two_workers_train_the_same_run_and_only_the_chief_writes(one_device, tm
         rundir.read_results(out)["val_avg"]
 
 
-def test_two_workers_killed_and_restarted_continue_exactly(tmp_path):
+def test_a_killed_chief_stops_its_worker_by_name_and_both_restart_exactly(tmp_path):
     straight, erm = str(tmp_path / "straight"), str(tmp_path / "erm")
     assert [p.returncode for p in _workers(straight, erm)] == [0, 0]
     out = str(tmp_path / "killed")
-    killed = _workers(out, erm, kill="step:6")
-    assert [p.returncode for p in killed] == [-9, -9], [p.stderr_text[-2000:] for p in killed]
+    # Only the chief dies (SIGKILL after step 6): the other worker fails at its next
+    # collective and says which task stopped and what to do, with no traceback.
+    killed = _workers(out, erm, kills=("step:6", None))
+    assert [p.returncode for p in killed] == [-9, 1], [p.stderr_text[-2000:] for p in killed]
+    last = killed[1].stderr_text.strip().splitlines()[-1]
+    assert last.startswith(f"fqat_tf.train: error: {out}: /job:worker/task:0 of the cluster "
+                           f"stopped"), last
+    assert "restart every worker" in last and "Traceback" not in killed[1].stderr_text
     assert not rundir.is_finished(out)
     resumed = _workers(out, erm)
     assert [p.returncode for p in resumed] == [0, 0], [p.stderr_text[-2000:] for p in resumed]
