@@ -273,13 +273,21 @@ def plot_compare(run_a, run_b, out_png):
                    f"Cumulative applied scale gradient, seed {flags_a.get('seed')}", out_png)
 
 
+_PANEL_WIDTH, _PANEL_HEIGHT, _PANEL_MARGINS = 3.2, 2.2, 1.25  # inches
+
+
 def _panels(variables, curves, title, png_path):
     """One small panel per variable; `curves(i)` lists its (steps, values, label, colour)."""
     n = len(variables)
     cols = int(min(n, max(1, np.ceil(np.sqrt(n * 1.5)))))
     rows = -(-n // cols)
-    fig = Figure(figsize=(3.2 * cols, 2.2 * rows + 0.8), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    width, height = _PANEL_WIDTH * cols, _PANEL_HEIGHT * rows + _PANEL_MARGINS
+    # Fixed margins in inches: a constrained layout measures every tick label of every panel
+    # first, which took as long as drawing them (a ResNet has 40-110 panels).
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(
+        left=0.45 / width, right=1 - 0.1 / width, top=1 - 0.5 / height, bottom=0.75 / height,
+        wspace=0.3, hspace=0.45)).ravel()
     for i, ax in enumerate(axes):
         if i >= n:
             ax.axis("off")
@@ -292,8 +300,9 @@ def _panels(variables, curves, title, png_path):
             ax.set_xlabel("step", fontsize=7)
         ax.tick_params(labelsize=6)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.legend(handles, labels, loc="lower center", ncols=len(labels), fontsize=8,
+               frameon=False)
+    fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
     return save_figure(fig, png_path)
 
 
