@@ -145,7 +145,8 @@ def worker_loss_named(current, run_dir):
     When one worker of a multi-worker run dies, the others fail at their next collective with
     TensorFlow's `UnavailableError` (lost heartbeats, a reset connection) or `AbortedError`.
     That is the expected end of the survivors, not a defect: the message names the stopped
-    tasks and what to do. Elsewhere (no cluster) nothing is caught.
+    tasks and what to do. Such an error that names no other task and no collective, and any
+    error outside a multi-worker run, passes unchanged.
     """
     try:
         yield
@@ -155,6 +156,8 @@ def worker_loss_named(current, run_dir):
         resolver = current.cluster_resolver
         own = (resolver.task_type, str(resolver.task_id))
         others = sorted({m.groups() for m in _TASK.finditer(e.message)} - {own})
+        if not others and "Collective" not in e.message:
+            raise
         who = ", ".join(f"/job:{job}/task:{index}" for job, index in others) or \
             "another worker"
         raise WorkerLost(

@@ -10,9 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import assert_same_bits, final_state
-from fqat_tf import rundir
+from fqat_tf import rundir, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = os.path.join(ROOT, "tests", "train_under_test.py")
@@ -141,6 +142,14 @@ def test_a_killed_chief_stops_its_worker_by_name_and_both_restart_exactly(tmp_pa
     assert [p.returncode for p in resumed] == [0, 0], [p.stderr_text[-2000:] for p in resumed]
     assert f"resumed {out} at step 4" in resumed[0].stderr_text
     assert_same_bits(final_state(straight), final_state(out))
+
+
+def test_an_unavailable_service_outside_a_cluster_is_not_a_lost_worker():
+    # Only a multi-worker run reads a collective's failure as a stopped worker.
+    with pytest.raises(tf.errors.UnavailableError):
+        with runtime.worker_loss_named(tf.distribute.get_strategy(), "run"):
+            raise tf.errors.UnavailableError(
+                None, None, "Collective ops is aborted by: /job:worker/replica:0/task:1")
 
 
 @pytest.mark.parametrize("tf_config,culprit", [
