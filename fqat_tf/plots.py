@@ -299,6 +299,7 @@ def _panels(variables, curves, title, png_path):
         if i >= n - cols:
             ax.set_xlabel("step", fontsize=7)
         ax.tick_params(labelsize=6)
+        ax.locator_params(nbins=4)  # few labels on a small panel (and fewer to draw)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncols=len(labels), fontsize=8,
                frameon=False)
