@@ -146,7 +146,9 @@ def test_resume_after_kill_continues_and_matches_uninterrupted_run(tmp_path):
     assert not rundir.is_finished(out)
     killed_at = tf.train.load_checkpoint(os.path.join(out, rundir.CHECKPOINTS)).get_tensor(
         "step/.ATTRIBUTES/VARIABLE_VALUE")
-    assert 0 < killed_at < steps
+    # Usually 4 or 8; a starved poll may first see the last checkpoint (the run is still
+    # unfinished then: its results are written after it).
+    assert 0 < killed_at <= steps
     done = subprocess.run(_train_cmd(out, erm, steps), cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
