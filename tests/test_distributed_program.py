@@ -1,7 +1,8 @@
 """The training program at any scale: one device, two mirrored replicas and two worker
 processes on 127.0.0.1 train the same run (same global batch, same weights to 1e-5, same
-freeze decisions), only the chief writes the run's files, and a multi-worker run killed with
-SIGKILL resumes exactly."""
+freeze decisions), only the chief writes the run's files, and when the chief of a
+multi-worker run is killed with SIGKILL the other worker stops naming it, and both restarted
+resume exactly."""
 import json
 import os
 import socket
