@@ -32,6 +32,9 @@ from fqat_tf import defaults, int8_kernels
 INT8_WEIGHT_MAX = 127          # TFLite's int8 weights: symmetric, in [-127, 127]
 MIN_WEIGHT_SCALE = 1e-12       # an all-zero channel still gets a positive scale
 MIN_RANGE = 1e-6
+# How far from an integer (in its own steps) a stored value may be and still count as on its
+# grid: float32's error on `k * scale / scale` is under 1e-4 for |k| <= 255.
+ON_GRID_TOLERANCE = 1e-3
 GROUP_NORM_PARTS = ("mean", "centred", "sum_squares", "sum_squares_eps", "rsqrt", "scale",
                     "mean_scaled", "offset", "scaled")
 

@@ -167,7 +167,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         q = self.quantize_config.input_quantizer
         x = inputs if q is None else q(inputs, self._input_vars)
         inner = self.layer
-        y = self._ops.linear(inner, x, self.quantized_kernel())
+        y = self._linear(x)
         if getattr(inner, "data_format", "channels_last") == "channels_first":
             raise ValueError(f"layer {inner.name!r}: channels_first is not supported")
         if self.batchnorm is not None:
@@ -177,6 +177,50 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if inner.activation is not None:
             y = inner.activation(y)
         return y
+
+    def _linear(self, x):
+        """The layer's linear op on its quantized input and kernel.
+
+        With `int8_storage`, where the input's grid is known (a learned step, or the synced
+        scale of a stored input whose values lie on it), the op runs on the grids' integers and
+        scales the result once, as the integer model accumulates in int32: float32 holds every
+        integer sum below 2^24 exactly, so the result no longer depends on the order in which a
+        convolution algorithm adds its products. A sum within rounding error of a boundary of
+        the next grid is then decided as TFLite decides it, and alike in eager and graph calls
+        (docs/algorithm.md §5). The integers pass gradients straight through, so the gradients
+        are those of the float products up to rounding.
+        """
+        kernel = self.quantized_kernel()
+        if not self.int8_storage:
+            return self._ops.linear(self.layer, x, kernel)
+        if self.quantize_config.input_quantizer is not None:
+            return self._integer_linear(x, kernel, self._input_vars["step"])
+        if self._stored_scale is None:
+            return self._ops.linear(self.layer, x, kernel)
+        # A stored input's scale is a copy (`sync_input_scales`): used only while the input's
+        # values are its integers, as they are once it is synced with the range it reads.
+        scale = keras.ops.convert_to_tensor(self._stored_scale)
+        ratio = keras.ops.cast(x, "float32") / keras.ops.maximum(scale, 1e-30)
+        off_grid = keras.ops.max(keras.ops.abs(ratio - keras.ops.round(ratio)))
+        return keras.ops.cond(
+            keras.ops.logical_and(scale > 0.0, off_grid <= int8_storage.ON_GRID_TOLERANCE),
+            lambda: self._integer_linear(x, kernel, scale),
+            lambda: self._ops.linear(self.layer, x, kernel))
+
+    def _integer_linear(self, x, kernel, input_scale):
+        """`linear(x, kernel)` computed as `linear(x / input_scale, kernel / kernel_scales)`
+        on the rounded integers, times `input_scale * kernel_scales`. The scales are constants
+        here: a step's gradient comes through the quantized operands alone, as with the float
+        products."""
+        input_scale = keras.ops.stop_gradient(keras.ops.convert_to_tensor(input_scale, "float32"))
+        scales = keras.ops.stop_gradient(
+            keras.ops.convert_to_tensor(self.kernel_scales(), "float32"))
+        x_int = _integers(keras.ops.cast(x, "float32"), input_scale)
+        view = keras.ops.cast(self._ops.kernel_view(kernel), "float32")
+        k_int = keras.ops.reshape(_integers(view, scales), kernel.shape)
+        y = self._ops.linear(self.layer, keras.ops.cast(x_int, x.dtype),
+                             keras.ops.cast(k_int, kernel.dtype))
+        return y * keras.ops.cast(input_scale * scales, y.dtype)
 
     def folded_bias(self):
         """The bias after folding `batchnorm` (inference statistics): `b * f + offset`, on the
@@ -217,6 +261,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
             config["batchnorm"] = keras.saving.deserialize_keras_object(config["batchnorm"])
         return cls(layer, quantize_config, **config)
 
+
+
+def _integers(values, scale):
+    """`values / scale` rounded to the integers it lies on; the gradient passes straight
+    through the rounding."""
+    ratio = values / scale
+    return ratio + keras.ops.stop_gradient(keras.ops.round(ratio) - ratio)
 
 
 def quantize_wrappers(model):

@@ -12,8 +12,9 @@ import tensorflow as tf
 import fqat_tf
 from export import tflite as export_lib, verify as verify_lib
 from export.graph import ExportGraph
-from fqat_tf import int8_kernels, int8_storage, models
+from fqat_tf import int8_kernels, int8_storage, models, quantize_configs as qc, quantizers
 from fqat_tf.storage import int8_storage_model
+from fqat_tf.wrapper import QuantizeWrapper
 from helpers import compile_fit, mirrored, parse_train_flags, storage_resnet, task
 
 
@@ -342,3 +343,91 @@ def test_batchnorm_folds_into_its_conv_with_the_bias_on_tflites_grid(tmp_path):
     smodel.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_array_equal(loaded(x[:8], training=False), smodel(x[:8], training=False))
+
+
+def _exact_case(kind):
+    """A layer of `kind`, an input whose products float32 cannot sum exactly, and the numpy
+    conv / matmul that applies a layer's op to float64 operands."""
+    rng = np.random.default_rng(7)
+    if kind == "dense":
+        layer, x = keras.layers.Dense(24, use_bias=False), rng.normal(size=(6, 300))
+        return layer, x.astype("float32"), lambda a, k: a @ k
+    if kind == "depthwise":
+        layer = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False)
+        op = lambda a, k: tf.nn.depthwise_conv2d(a, k, [1, 1, 1, 1], "VALID").numpy()  # noqa: E731
+    else:
+        layer = keras.layers.Conv2D(12, 3, use_bias=False)
+        op = lambda a, k: tf.nn.conv2d(a, k, 1, "VALID").numpy()  # noqa: E731
+    x = rng.normal(size=(2, 9, 9, 40)).astype("float32")
+    return layer, x, op
+
+
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "dense"])
+def test_storage_linear_ops_sum_the_integers_exactly_with_float_gradients(kind):
+    layer, x, op = _exact_case(kind)
+    cfg_args = (quantizers.LSQQuantizer(4, signed=True, per_channel=True),
+                quantizers.LSQQuantizer(8, signed=True))
+    wrappers = {}
+    for storage in (False, True):
+        keras.utils.set_random_seed(0)
+        inner = keras.layers.deserialize(keras.layers.serialize(layer))
+        w = QuantizeWrapper(inner, qc.WeightInputQuantizeConfig(*cfg_args), int8_storage=storage)
+        w.build(x.shape)
+        channels = w.kernel_view().shape[-1]
+        # Steps that are no powers of two, so that each product is rounded in float32.
+        w.weight_variables["step"].assign(np.linspace(0.013, 0.031, channels).astype("float32"))
+        w.input_variables["step"].assign(0.0173)
+        wrappers[storage] = w
+    w = wrappers[True]
+    kernel = w.layer.kernel.numpy()
+    s_x = np.float32(0.0173)
+    s_w = w.weight_variables["step"].numpy()
+    q_x = np.clip(np.round(x / s_x), -128, 127)
+    view = w.kernel_view().numpy()
+    q_w = np.clip(np.round(view / s_w), -8, 7).reshape(kernel.shape)
+    # The integer model's int32 sum, exact in float64, times one float32 scale per channel.
+    acc = op(q_x.astype("float64"), q_w.astype("float64"))
+    expected = acc.astype("float32") * (s_x * s_w)
+    np.testing.assert_array_equal(w(x).numpy(), expected)
+    # The float products of the same quantized operands do not give those values.
+    float_products = wrappers[False](x).numpy()
+    assert not np.array_equal(float_products, expected)
+    np.testing.assert_allclose(float_products, expected, rtol=1e-5, atol=1e-5)
+    # The gradients are those of the float products up to rounding: not bit-equal, since the
+    # forward values they start from differ in their last bits.
+    grads = {}
+    for storage, wr in wrappers.items():
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            loss = tf.reduce_sum(tf.sin(wr(xt)))
+        grads[storage] = tape.gradient(loss, [xt, wr.layer.kernel, *wr.scale_variables])
+    for with_storage, plain in zip(grads[True], grads[False]):
+        np.testing.assert_allclose(with_storage, plain, rtol=1e-4, atol=2e-5)
+
+
+def test_a_stored_input_is_summed_exactly_only_while_its_scale_is_synced():
+    rng = np.random.default_rng(3)
+    scale = np.float32(0.0371)
+    # An input as a range stores it: integers (less the zero point) times the range's scale.
+    x = (rng.integers(-128, 128, size=(2, 7, 7, 48)) * scale).astype("float32")
+    conv = keras.layers.Conv2D(10, 3, use_bias=False)
+    w = QuantizeWrapper(conv, qc.WeightOnlyQuantizeConfig(
+        quantizers.LSQQuantizer(4, signed=True, per_channel=True)), int8_storage=True)
+    w.build(x.shape)
+    assert w.reads_stored_input
+    w.weight_variables["step"].assign(np.linspace(0.011, 0.029, 10).astype("float32"))
+    kq = w.quantized_kernel()
+    float_products = conv.convolution_op(x, kq).numpy()
+    q_w = np.round(kq.numpy() / w.weight_variables["step"].numpy())
+    acc = tf.nn.conv2d(np.round(x / scale).astype("float64"), q_w.astype("float64"), 1,
+                       "VALID").numpy()
+    exact = acc.astype("float32") * (scale * w.weight_variables["step"].numpy())
+    assert not np.array_equal(float_products, exact)
+    # Unsynced (0), then a stale copy of the scale: the input is not on that grid, and the
+    # layer keeps the float products rather than rounding the input onto a wrong grid.
+    for copy in (0.0, scale * 1.01, scale):
+        w.input_storage_scale.assign(copy)
+        for call in (w, tf.function(w)):
+            np.testing.assert_array_equal(call(x).numpy(),
+                                          exact if copy == scale else float_products)
