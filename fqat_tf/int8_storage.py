@@ -91,7 +91,11 @@ def abs_max_scales(values, per_channel=True):
         return np.maximum(m, MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
     a = tf.abs(tf.convert_to_tensor(values))
     m = tf.reduce_max(a, axis=list(range(len(a.shape) - 1))) if per_channel else tf.reduce_max(a)
-    return tf.maximum(m, MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
+    # Divided in float64: a graph multiplies by the reciprocal of a constant divisor instead
+    # (grappler's constant folding), which float32 rounds differently from the division of
+    # an eager call.
+    scales = tf.maximum(tf.cast(m, tf.float64), MIN_WEIGHT_SCALE) / INT8_WEIGHT_MAX
+    return tf.cast(scales, a.dtype)
 
 
 def int8_kernel(kernel, per_channel=True):

@@ -150,16 +150,23 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def _bias_on_grid(self, bias, scales, folded=None):
         """`bias` on TFLite's int32 grid of input scale times kernel `scales` (times the
         BatchNorm factors `folded`) where the input's scale is known (a learned step, or the
-        synced scale of a stored input), else float."""
+        synced scale of a stored input), else float. The grid's product is taken in float64
+        (a float64 `bias`) or rounded once from float64 to the float32 scales TFLite stores,
+        so that no graph rewrite of its order changes the result."""
         if scales is None:
             return bias
         if self.quantize_config.input_quantizer is not None:
-            grid = keras.ops.convert_to_tensor(self._input_vars["step"]) * scales
-            return int8_storage.on_grid(bias, grid if folded is None else grid * folded)
+            step = keras.ops.cast(self._input_vars["step"], bias.dtype)
+            grid = step * keras.ops.cast(scales, bias.dtype)
+            if folded is not None:
+                grid = grid * keras.ops.cast(folded, bias.dtype)
+            return int8_storage.on_grid(bias, grid)
         if self._stored_scale is None:
             return bias
+        bias = keras.ops.cast(bias, "float32")
         scale = keras.ops.convert_to_tensor(self._stored_scale)
-        weights = scales if folded is None else scales * folded
+        weights = scales if folded is None else keras.ops.cast(
+            keras.ops.cast(scales, "float64") * keras.ops.cast(folded, "float64"), "float32")
         rounded = int8_kernels.bias_on_grid(bias, keras.ops.maximum(scale, 1e-30), weights)
         return keras.ops.where(scale > 0.0, rounded, bias)
 
@@ -167,36 +174,44 @@ class QuantizeWrapper(keras.layers.Wrapper):
         q = self.quantize_config.input_quantizer
         x = inputs if q is None else q(inputs, self._input_vars)
         inner = self.layer
-        y = self._linear(x)
         if getattr(inner, "data_format", "channels_last") == "channels_first":
             raise ValueError(f"layer {inner.name!r}: channels_first is not supported")
-        if self.batchnorm is not None:
-            return self._folded_batchnorm(y, training)
+        bn = self.batchnorm
+        if bn is not None and training and bn.trainable:
+            y = self._linear(x)
+            if inner.use_bias:
+                y = keras.ops.add(y, inner.bias)
+            return bn(y, training=True)
+        if bn is not None:
+            f, _ = affine.batchnorm_affine(bn, "float64")
+            y = self._linear(x, f)
+            return keras.ops.add(y, keras.ops.cast(self.folded_bias(), y.dtype))
+        y = self._linear(x)
         if inner.use_bias:
             y = keras.ops.add(y, self.quantized_bias())
         if inner.activation is not None:
             y = inner.activation(y)
         return y
 
-    def _linear(self, x):
-        """The layer's linear op on its quantized input and kernel.
+    def _linear(self, x, factor=None):
+        """The layer's linear op on its quantized input and kernel, times the per-channel
+        `factor` (the folded BatchNorm's) where given.
 
         With `int8_storage`, where the input's grid is known (a learned step, or the synced
         scale of a stored input whose values lie on it), the op runs on the grids' integers and
-        scales the result once, as the integer model accumulates in int32: float32 holds every
-        integer sum below 2^24 exactly, so the result no longer depends on the order in which a
-        convolution algorithm adds its products. A sum within rounding error of a boundary of
-        the next grid is then decided as TFLite decides it, and alike in eager and graph calls
-        (docs/algorithm.md §5). The integers pass gradients straight through, so the gradients
-        are those of the float products up to rounding.
+        scales the result once, by one per-channel multiplier, as the integer model accumulates
+        in int32 and requantizes: float32 holds every integer sum below 2^24 exactly, so the
+        result no longer depends on the order in which a convolution algorithm adds its
+        products. The multiplier is computed so that no graph rewrite changes it: a graph call
+        (`predict()`) gives the eager call's bits (docs/algorithm.md §5). The integers pass
+        gradients straight through, so the gradients are those of the float products up to
+        rounding.
         """
         kernel = self.quantized_kernel()
-        if not self.int8_storage:
-            return self._ops.linear(self.layer, x, kernel)
-        if self.quantize_config.input_quantizer is not None:
-            return self._integer_linear(x, kernel, self._input_vars["step"])
-        if self._stored_scale is None:
-            return self._ops.linear(self.layer, x, kernel)
+        if self.int8_storage and self.quantize_config.input_quantizer is not None:
+            return self._integer_linear(x, kernel, self._input_vars["step"], factor)
+        if not self.int8_storage or self._stored_scale is None:
+            return self._float_linear(x, kernel, factor)
         # A stored input's scale is a copy (`sync_input_scales`): used only while the input's
         # values are its integers, as they are once it is synced with the range it reads.
         scale = keras.ops.convert_to_tensor(self._stored_scale)
@@ -204,14 +219,18 @@ class QuantizeWrapper(keras.layers.Wrapper):
         off_grid = keras.ops.max(keras.ops.abs(ratio - keras.ops.round(ratio)))
         return keras.ops.cond(
             keras.ops.logical_and(scale > 0.0, off_grid <= int8_storage.ON_GRID_TOLERANCE),
-            lambda: self._integer_linear(x, kernel, scale),
-            lambda: self._ops.linear(self.layer, x, kernel))
+            lambda: self._integer_linear(x, kernel, scale, factor),
+            lambda: self._float_linear(x, kernel, factor))
 
-    def _integer_linear(self, x, kernel, input_scale):
-        """`linear(x, kernel)` computed as `linear(x / input_scale, kernel / kernel_scales)`
-        on the rounded integers, times `input_scale * kernel_scales`. The scales are constants
-        here: a step's gradient comes through the quantized operands alone, as with the float
-        products."""
+    def _float_linear(self, x, kernel, factor):
+        y = self._ops.linear(self.layer, x, kernel)
+        return y if factor is None else y * keras.ops.cast(factor, y.dtype)
+
+    def _integer_linear(self, x, kernel, input_scale, factor):
+        """`linear(x, kernel) * factor` computed as `linear(x / input_scale, kernel /
+        kernel_scales)` on the rounded integers, times the one multiplier `input_scale *
+        kernel_scales * factor`. The scales are constants here: a step's gradient comes
+        through the quantized operands alone, as with the float products."""
         input_scale = keras.ops.stop_gradient(keras.ops.convert_to_tensor(input_scale, "float32"))
         scales = keras.ops.stop_gradient(
             keras.ops.convert_to_tensor(self.kernel_scales(), "float32"))
@@ -220,25 +239,21 @@ class QuantizeWrapper(keras.layers.Wrapper):
         k_int = keras.ops.reshape(_integers(view, scales), kernel.shape)
         y = self._ops.linear(self.layer, keras.ops.cast(x_int, x.dtype),
                              keras.ops.cast(k_int, kernel.dtype))
-        return y * keras.ops.cast(input_scale * scales, y.dtype)
+        # In float64, so that a graph rewrite reordering the product (grappler's arithmetic
+        # optimizer does) cannot change the float32 multiplier an eager call uses.
+        multiplier = keras.ops.cast(input_scale, "float64") * keras.ops.cast(scales, "float64")
+        if factor is not None:
+            multiplier = multiplier * keras.ops.cast(factor, "float64")
+        return y * keras.ops.cast(multiplier, y.dtype)
 
     def folded_bias(self):
         """The bias after folding `batchnorm` (inference statistics): `b * f + offset`, on the
         int32 grid of input step times kernel scale times `|f|` with `int8_storage`."""
-        f, offset = affine.batchnorm_affine(self.batchnorm)
+        f, offset = affine.batchnorm_affine(self.batchnorm, "float64")
         if self.layer.use_bias:
-            offset = offset + self.layer.bias * f
+            offset = offset + keras.ops.cast(self.layer.bias, "float64") * f
         scales = self.kernel_scales() if self.int8_storage else None
-        return self._bias_on_grid(offset, scales, keras.ops.abs(f))
-
-    def _folded_batchnorm(self, y, training):
-        inner, bn = self.layer, self.batchnorm
-        if training and bn.trainable:
-            if inner.use_bias:
-                y = keras.ops.add(y, inner.bias)
-            return bn(y, training=True)
-        f, _ = affine.batchnorm_affine(bn)
-        return y * keras.ops.cast(f, y.dtype) + keras.ops.cast(self.folded_bias(), y.dtype)
+        return keras.ops.cast(self._bias_on_grid(offset, scales, keras.ops.abs(f)), "float32")
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
