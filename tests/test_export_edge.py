@@ -38,9 +38,9 @@ MODELS = ("MobileNetV2", "MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0
           "ResNet50V2")
 # Cells below the 99.5% agreement (BUILD_NOTES.md, known gaps); strict, so a fix shows.
 KNOWN_BELOW_AGREEMENT = {
-    ("EfficientNetB0", 3, "stored"): "98.0% against the eager Keras model, 99.0% against "
-                                     "predict(): the Keras model itself answers about 1% of "
-                                     "the images differently in eager and graph mode",
+    ("EfficientNetB0", 3, "stored"): "94.3%: a requantization near a rounding boundary "
+                                     "moves a value by one step, and the 3-bit layers after "
+                                     "it amplify the difference",
 }
 
 
