@@ -106,6 +106,18 @@ def int8_kernel(kernel, per_channel=True):
     return kernel + tf.stop_gradient(q - kernel)
 
 
+def scale_product(*factors):
+    """The product of scale tensors (None skipped) in float64. A graph rewrite may reorder a
+    chain of products (grappler's arithmetic optimizer does), which moves a float32 product's
+    last bit; rounded once to float32, the float64 product keeps the eager call's value."""
+    product = None
+    for factor in factors:
+        if factor is not None:
+            factor = tf.cast(factor, tf.float64)
+            product = factor if product is None else product * factor
+    return product
+
+
 def on_grid(values, step):
     """`values` rounded to multiples of `step` (a bias on its int32 grid); straight-through."""
     step = tf.stop_gradient(tf.cast(step, values.dtype))

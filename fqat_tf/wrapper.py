@@ -150,23 +150,18 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def _bias_on_grid(self, bias, scales, folded=None):
         """`bias` on TFLite's int32 grid of input scale times kernel `scales` (times the
         BatchNorm factors `folded`) where the input's scale is known (a learned step, or the
-        synced scale of a stored input), else float. The grid's product is taken in float64
-        (a float64 `bias`) or rounded once from float64 to the float32 scales TFLite stores,
-        so that no graph rewrite of its order changes the result."""
+        synced scale of a stored input), else float. The grid is a `scale_product`, so that no
+        graph rewrite of its order changes the result."""
         if scales is None:
             return bias
         if self.quantize_config.input_quantizer is not None:
-            step = keras.ops.cast(self._input_vars["step"], bias.dtype)
-            grid = step * keras.ops.cast(scales, bias.dtype)
-            if folded is not None:
-                grid = grid * keras.ops.cast(folded, bias.dtype)
-            return int8_storage.on_grid(bias, grid)
+            return int8_storage.on_grid(
+                bias, int8_storage.scale_product(self._input_vars["step"], scales, folded))
         if self._stored_scale is None:
             return bias
         bias = keras.ops.cast(bias, "float32")
         scale = keras.ops.convert_to_tensor(self._stored_scale)
-        weights = scales if folded is None else keras.ops.cast(
-            keras.ops.cast(scales, "float64") * keras.ops.cast(folded, "float64"), "float32")
+        weights = keras.ops.cast(int8_storage.scale_product(scales, folded), "float32")
         rounded = int8_kernels.bias_on_grid(bias, keras.ops.maximum(scale, 1e-30), weights)
         return keras.ops.where(scale > 0.0, rounded, bias)
 
@@ -183,9 +178,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
                 y = keras.ops.add(y, inner.bias)
             return bn(y, training=True)
         if bn is not None:
-            f, _ = affine.batchnorm_affine(bn, "float64")
+            f, bias = self._folded_batchnorm()
             y = self._linear(x, f)
-            return keras.ops.add(y, keras.ops.cast(self.folded_bias(), y.dtype))
+            return keras.ops.add(y, keras.ops.cast(bias, y.dtype))
         y = self._linear(x)
         if inner.use_bias:
             y = keras.ops.add(y, self.quantized_bias())
@@ -239,21 +234,22 @@ class QuantizeWrapper(keras.layers.Wrapper):
         k_int = keras.ops.reshape(_integers(view, scales), kernel.shape)
         y = self._ops.linear(self.layer, keras.ops.cast(x_int, x.dtype),
                              keras.ops.cast(k_int, kernel.dtype))
-        # In float64, so that a graph rewrite reordering the product (grappler's arithmetic
-        # optimizer does) cannot change the float32 multiplier an eager call uses.
-        multiplier = keras.ops.cast(input_scale, "float64") * keras.ops.cast(scales, "float64")
-        if factor is not None:
-            multiplier = multiplier * keras.ops.cast(factor, "float64")
+        multiplier = int8_storage.scale_product(input_scale, scales, factor)
         return y * keras.ops.cast(multiplier, y.dtype)
 
     def folded_bias(self):
         """The bias after folding `batchnorm` (inference statistics): `b * f + offset`, on the
         int32 grid of input step times kernel scale times `|f|` with `int8_storage`."""
+        return self._folded_batchnorm()[1]
+
+    def _folded_batchnorm(self):
+        """`(f, folded_bias())`, `f` the BatchNorm's float64 factors."""
         f, offset = affine.batchnorm_affine(self.batchnorm, "float64")
         if self.layer.use_bias:
             offset = offset + keras.ops.cast(self.layer.bias, "float64") * f
         scales = self.kernel_scales() if self.int8_storage else None
-        return keras.ops.cast(self._bias_on_grid(offset, scales, keras.ops.abs(f)), "float32")
+        bias = self._bias_on_grid(offset, scales, keras.ops.abs(f))
+        return f, keras.ops.cast(bias, "float32")
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
