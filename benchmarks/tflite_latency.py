@@ -227,14 +227,15 @@ def main(argv=None):
     print(f"# {name}: median of {args.runs} single-image runs each, XNNPACK, models in turn")
     print(f"# machine: {machine()}")
     print("| threads | " + " | ".join(f"{n} ms" for n in names)
-          + " | int8/float | int8/PTQ | int4/float |")
-    print("|---" * (len(names) + 4) + "|")
+          + " | int8/float | int8/PTQ | int4/float | int4/PTQ |")
+    print("|---" * (len(names) + 5) + "|")
     worst = {"int8/float": 0.0, "int8/PTQ": 0.0}
     for threads in (int(t) for t in args.threads.split(",")):
         ms = dict(zip(names, interleaved_latency_ms(list(contents.values()), threads,
                                                     args.runs, args.warmup)))
         ratios = (ms["int8"] / ms["float"], ms["int8"] / ms["converter PTQ int8"],
-                  ms["int4 weights"] / ms["float"])
+                  ms["int4 weights"] / ms["float"],
+                  ms["int4 weights"] / ms["converter PTQ int8"])
         worst = {k: max(worst[k], r) for k, r in zip(worst, ratios)}
         print(f"| {threads} | " + " | ".join(f"{ms[n]:.2f}" for n in names) + " | "
               + " | ".join(f"{r:.3f}" for r in ratios) + " |")

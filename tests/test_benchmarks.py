@@ -32,7 +32,7 @@ def test_tflite_latency_prints_its_figures_and_the_cost_of_requantizing():
     # A residual network's block inputs are read on two grids: some MULs are cut out.
     cut = re.search(r"\((\d+) requantizing MULs cut out", done.stdout)
     assert cut and int(cut.group(1)) > 0, done.stdout
-    row = re.search(r"^\| 1 \|((?: [\d.]+ \|){8})$", done.stdout, re.M)
+    row = re.search(r"^\| 1 \|((?: [\d.]+ \|){9})$", done.stdout, re.M)
     assert row and all(float(v) > 0 for v in row.group(1).split("|")[:-1]), done.stdout
     assert re.search(r"^1 thread\(s\): int8 without requantizations / PTQ [\d.]+, int8 / int8 "
                      r"without requantizations [\d.]+$", done.stdout, re.M)
