@@ -113,22 +113,30 @@ def test_mirrored_on_two_logical_cpus_trains_the_same_run(one_device, tmp_path):
     assert_same_run(one_device, out)
 
 
-def test_two_workers_train_the_same_run_and_only_the_chief_writes(one_device, tmp_path):
-    out, erm = str(tmp_path / "run"), str(tmp_path / "erm")
-    procs = _workers(out, erm)
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """A finished two-worker run: (base folder, run directory, ERM cache, both processes)."""
+    base = tmp_path_factory.mktemp("two_workers")
+    out, erm = str(base / "run"), str(base / "erm")
+    return base, out, erm, _workers(out, erm)
+
+
+def test_two_workers_train_the_same_run_and_only_the_chief_writes(one_device, two_workers):
+    base, out, erm, procs = two_workers
     assert [p.returncode for p in procs] == [0, 0], [p.stderr_text[-2000:] for p in procs]
     assert_same_run(one_device, out)
     checkpoints = os.listdir(os.path.join(out, rundir.CHECKPOINTS))
     assert not [n for n in checkpoints if n.startswith(".worker")], checkpoints
-    finished = [d for d, _, files in os.walk(tmp_path) if rundir.RESULTS in files]
+    finished = [d for d, _, files in os.walk(base) if rundir.RESULTS in files]
     assert sorted(finished) == sorted([out, os.path.join(erm, os.listdir(erm)[0])])
     assert json.loads(procs[0].stdout_text.splitlines()[-1])["val_avg"] == \
         rundir.read_results(out)["val_avg"]
 
 
-def test_a_killed_chief_stops_its_worker_by_name_and_both_restart_exactly(tmp_path):
-    straight, erm = str(tmp_path / "straight"), str(tmp_path / "erm")
-    assert [p.returncode for p in _workers(straight, erm)] == [0, 0]
+def test_a_killed_chief_stops_its_worker_by_name_and_both_restart_exactly(two_workers,
+                                                                          tmp_path):
+    _, straight, erm, procs = two_workers
+    assert [p.returncode for p in procs] == [0, 0]
     out = str(tmp_path / "killed")
     # Only the chief dies (SIGKILL after step 6): the other worker fails at its next
     # collective and says which task stopped and what to do, with no traceback.

@@ -1,15 +1,12 @@
-"""The training program: every experiments/*.cfg in smoke mode, outputs, resume, bad flags."""
+"""The training program: every experiments/*.cfg in smoke mode, outputs, bad flags (a killed
+run's resume is test_reproducible's)."""
 import glob
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import keras
-import numpy as np
 import pytest
-import tensorflow as tf
 from absl import app
 
 import fqat_tf
@@ -109,60 +106,6 @@ def test_parallel_runs_sharing_an_erm_stage_train_it_once(tmp_path):
     stages = [d for d in os.listdir(erm) if not d.endswith(".lock")]
     assert len(stages) == 1 and rundir.is_finished(os.path.join(erm, stages[0]))
     assert all(rundir.is_finished(str(tmp_path / m)) for m in ("lsq", "fqat"))
-
-
-def _train_cmd(out, erm, steps):
-    # Compiled steps (no --smoke, which runs eagerly and caps the step count), kept small.
-    return [sys.executable, "-m", "fqat_tf.train", "--flagfile=experiments/quickstart.cfg",
-            f"--steps={steps}", "--eval_every=4", "--erm_steps=2", "--batch_per_domain=2",
-            "--freeze_interval=2", "--calibration_batches=1", "--eval_batch_size=256",
-            f"--output_dir={out}", f"--erm_cache_dir={erm}", "--deterministic", "--verbose=0"]
-
-
-def _final_variables(run_dir):
-    reader = tf.train.load_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
-    names = sorted(k for k in reader.get_variable_to_shape_map()
-                   if k.startswith(("model/", "variables/")) and "OPTIMIZER_SLOT" not in k)
-    return {k: reader.get_tensor(k) for k in names}, reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
-
-
-def test_resume_after_kill_continues_and_matches_uninterrupted_run(tmp_path):
-    steps = 12
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    erm = str(tmp_path / "erm")
-    subprocess.run(_train_cmd(str(tmp_path / "straight"), erm, steps), cwd=ROOT, env=env,
-                   check=True, capture_output=True)
-    out = str(tmp_path / "killed")
-    proc = subprocess.Popen(_train_cmd(out, erm, steps), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if tf.train.latest_checkpoint(os.path.join(out, rundir.CHECKPOINTS)):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not rundir.is_finished(out)
-    killed_at = tf.train.load_checkpoint(os.path.join(out, rundir.CHECKPOINTS)).get_tensor(
-        "step/.ATTRIBUTES/VARIABLE_VALUE")
-    # Usually 4 or 8; a starved poll may first see the last checkpoint (the run is still
-    # unfinished then: its results are written after it).
-    assert 0 < killed_at <= steps
-    done = subprocess.run(_train_cmd(out, erm, steps), cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resumed {out} at step {killed_at}" in done.stderr
-    straight, n1 = _final_variables(str(tmp_path / "straight"))
-    resumed, n2 = _final_variables(out)
-    assert n1 == n2 == steps
-    # Every variable of the model (the freeze state's included) is saved under variables/.
-    assert straight.keys() == resumed.keys() and any(k.startswith("variables/") for k in straight)
-    for k in straight:
-        np.testing.assert_array_equal(straight[k], resumed[k], err_msg=k)
-    assert [r["step"] for r in rundir.read_evals(out)] == list(range(4, steps + 1, 4))
-    assert rundir.read_results(out)["test_avg"] == \
-        rundir.read_results(str(tmp_path / "straight"))["test_avg"]
 
 
 @pytest.mark.parametrize("args,flag", [
